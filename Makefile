@@ -1,0 +1,32 @@
+# Release jobs call these targets. Each installs the project virtualenv first when it is missing or stale,
+# so every target works alone on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= shufflenet_v2_x1_0
+DATA   ?=
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: install quantize test test-all clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## quantize MODEL=<zoo entry> DATA=<imagenet val dir> [ARGS='key=value ...']: export, calibrate, quantize, evaluate, report
+quantize: install
+	$(PY) -m quantize +model=$(MODEL) $(if $(DATA),data.root=$(DATA)) $(ARGS)
+
+## test: the test suite CI runs (slow end-to-end runs excluded; `make test-all` includes them)
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf artifacts outputs multirun .pytest_cache

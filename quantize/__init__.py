@@ -1,0 +1,1 @@
+"""Post-training int8 quantization of ImageNet classifiers."""

@@ -1,0 +1,107 @@
+"""Structured configs: the schema behind conf/. A misspelt or mistyped key fails when Hydra composes the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ["export", "calibrate", "quantize", "evaluate", "report"]
+
+
+@dataclass
+class ReferenceConfig:
+    """Published fp32 accuracy of the weights (percent), printed beside ours in the report."""
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    source: str = ""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING            # zoo entry name: names artifacts and reports
+    arch: str = MISSING            # builder in quantize.models
+    source: str = ""               # who publishes the weights (torchvision, mmcls, ...)
+    pretrained: bool = True        # false: random init (reproducible)
+    weights_url: Optional[str] = None
+    checkpoint: Optional[str] = None  # local weights file; wins over weights_url
+    num_classes: int = 1000
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+@dataclass
+class PreprocessConfig:
+    resize: int = 256
+    crop: int = 224
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None     # ImageNet val: synset folders, or flat images plus a labels file
+    labels: Optional[str] = None   # labels file for the flat layout (default: looked up in root)
+    synsets: Optional[str] = None  # the 1000 sorted synsets (default: bundled list)
+    workers: int = 2               # decoding threads
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 11
+    check_images: int = 8          # real images whose ORT and PyTorch logits are compared
+    tolerance: float = 1e-3        # max abs logit difference accepted
+
+
+@dataclass
+class CalibConfig:
+    method: str = "percentile"     # percentile | minmax | entropy
+    percentile: float = 99.999
+    num_bins: int = 2048
+    num_images: int = 1000         # class-balanced: one image per class first
+    seed: int = 0
+    batch_size: int = 8            # activations of one batch are the calibration's whole memory
+    root: Optional[str] = None     # default: data.root
+    labels: Optional[str] = None   # default: data.labels
+
+
+@dataclass
+class QuantConfig:
+    format: str = "qdq"            # qdq | qoperator
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    opset: Optional[int] = None    # int8 model opset; default: the fp32 opset, raised to 13 for per-channel QDQ
+    op_types: Optional[List[str]] = None  # default: every op type ONNX Runtime can quantize
+    nodes_to_exclude: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    root: Optional[str] = None     # default: data.root
+    labels: Optional[str] = None   # default: data.labels
+    limit: Optional[int] = None    # deterministic class-balanced subset of this many images
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    work_dir: str = "artifacts"    # stage artifacts, reused across runs: <work_dir>/<model.name>/<stage>-<key>/
+    threads: int = 0               # ONNX Runtime intra-op threads (0: all cores)
+    extra: Any = None              # free-form notes copied into the report
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)

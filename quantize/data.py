@@ -1,0 +1,228 @@
+"""ImageNet-style dataset listing, class-balanced selection and batched decoding."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from quantize.errors import ConfigError, DataError
+from quantize.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
+
+SYNSETS_FILE = Path(__file__).resolve().parent / "resources" / "imagenet_synsets.txt"
+NUM_CLASSES = 1000
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+LABELS_FILE_NAMES = ("val_label.txt", "val.txt", "labels.txt")
+_MAX_EXAMPLES = 5
+
+LAYOUTS_HELP = (
+    "expected either synset folders (root/n01440764/*.JPEG) or images directly in root plus a labels file "
+    f"({', '.join(LABELS_FILE_NAMES)}) with lines like 'ILSVRC2012_val_00000001.JPEG 65' "
+    "(class index) or 'ILSVRC2012_val_00000001.JPEG n01751748' (synset id)"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+def load_synsets(path: str | Path | None = None, expected: int = NUM_CLASSES) -> list[str]:
+    """Synset ids in class-index order (line k = class k; the first token of each non-blank line)."""
+    path = Path(path) if path is not None else SYNSETS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read synsets file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    synsets = [line.split()[0] for line in lines if line.strip()]
+    unique = len(set(synsets))
+    if len(synsets) != expected or unique != expected:
+        raise DataError(
+            f"synsets file {path}: expected {expected} unique synset ids, found {len(synsets)} ids ({unique} unique)"
+        )
+    return synsets
+
+
+def list_samples(
+    root: str | Path, labels_file: str | Path | None = None, synsets: Sequence[str] | None = None
+) -> list[Sample]:
+    """Every labelled image under ``root``, sorted by (label, file name).
+
+    Layout detection: an explicit ``labels_file`` means flat files; otherwise synset-named subfolders mean
+    the folder layout, then a labels file found in root (``LABELS_FILE_NAMES``) means flat files.
+    Labels always come from the synset list (class index = position in it), never from folder order.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a directory")
+    synsets = list(synsets) if synsets is not None else load_synsets()
+    class_of = {s: i for i, s in enumerate(synsets)}
+
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if labels_file is None and not any(f in class_of for f in folders):
+        labels_file = next((root / n for n in LABELS_FILE_NAMES if (root / n).is_file()), None)
+        if labels_file is None and not folders:
+            raise DataError(f"data root {root} has no dataset: {LAYOUTS_HELP}")
+    if labels_file is not None:
+        samples = _list_flat(root, Path(labels_file), synsets, class_of)
+    else:
+        samples = _list_folders(root, folders, class_of)
+    return sorted(samples, key=lambda s: (s.label, s.path.name, str(s.path)))
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    return entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith(".") and entry.is_file()
+
+
+def _examples(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_EXAMPLES])
+    return shown + (", ..." if len(items) > _MAX_EXAMPLES else "")
+
+
+def _list_folders(root: Path, folders: list[str], class_of: dict[str, int]) -> list[Sample]:
+    unknown = [f for f in folders if f not in class_of]
+    if unknown:
+        raise DataError(
+            f"data root {root}: {len(unknown)} folders are not ImageNet synset ids ({_examples(unknown)}); "
+            + LAYOUTS_HELP
+        )
+    samples = [
+        Sample(root / folder / e.name, class_of[folder])
+        for folder in folders
+        for e in os.scandir(root / folder)
+        if _is_image(e)
+    ]
+    if not samples:
+        raise DataError(f"data root {root}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in its synset folders")
+    return samples
+
+
+def _parse_labels(path: Path, synsets: Sequence[str], class_of: dict[str, int]) -> dict[str, int]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read labels file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    n = len(synsets)
+    labels: dict[str, int] = {}
+    problems: dict[str, list[str]] = {}  # kind of problem -> offending lines, in file order
+    for number, line in enumerate(lines, 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        where = f"line {number}: {line.strip()!r}"
+        if len(tokens) != 2:
+            problems.setdefault("malformed {lines}, expected '<image name> <class>'", []).append(where)
+            continue
+        name, cls = tokens
+        if cls in class_of:
+            label = class_of[cls]
+        else:
+            try:
+                label = int(cls)
+            except ValueError:
+                problems.setdefault("{lines} whose class is neither an index nor a known synset", []).append(where)
+                continue
+            if not 0 <= label < n:
+                problems.setdefault(f"{{lines}} with a class outside 0-{n - 1}", []).append(where)
+                continue
+        if name in labels:
+            problems.setdefault("{lines} repeating an earlier image name", []).append(where)
+            continue
+        labels[name] = label
+    if problems:
+        parts = [
+            f"{len(v)} {kind.format(lines='line' if len(v) == 1 else 'lines')} ({_examples(v)})"
+            for kind, v in problems.items()
+        ]
+        raise DataError(f"labels file {path}: " + "; ".join(parts))
+    if not labels:
+        raise DataError(f"labels file {path} has no entries")
+    return labels
+
+
+def _list_flat(root: Path, labels_file: Path, synsets: Sequence[str], class_of: dict[str, int]) -> list[Sample]:
+    labels = _parse_labels(labels_file, synsets, class_of)
+    present = {e.name for e in os.scandir(root) if e.is_file()}
+    missing = [name for name in labels if name not in present and not (root / name).is_file()]
+    if missing:
+        raise DataError(
+            f"labels file {labels_file}: {len(missing)} of {len(labels)} images are missing from {root} "
+            f"({_examples(missing)})"
+        )
+    return [Sample(root / name, label) for name, label in labels.items()]
+
+
+def balanced_subset(samples: Sequence[Sample], n: int | None, seed: int = 0) -> list[Sample]:
+    """A deterministic, class-balanced subset of ``n`` samples, returned in input order.
+
+    Rule: within each class, images are sorted by file name then shuffled with
+    ``numpy.random.default_rng([seed, label])``; the subset is then filled round robin, classes in
+    class-index order: the first image of every class, then the second of every class that has one, ...
+    until ``n`` are taken. So every class is covered before any repeats, class counts differ by at most
+    one (unless a class runs out), and the result depends only on the set of samples and the seed, never
+    on filesystem order. ``n=None`` or ``n >= len(samples)`` returns all samples.
+    """
+    if n is None or n >= len(samples):
+        return list(samples)
+    if n < 0:
+        raise ConfigError(f"subset size must be >= 0, got {n}")
+    by_class: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.label, []).append(i)
+    queues = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda i: (samples[i].path.name, str(samples[i].path)))
+        order = np.random.default_rng([seed, label]).permutation(len(members))
+        queues.append([members[k] for k in order])
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < n:
+        chosen.extend(q[rank] for q in queues if rank < len(q))
+        rank += 1
+    return [samples[i] for i in sorted(chosen[:n])]
+
+
+def _decode(sample: Sample, p: Preprocess) -> np.ndarray:
+    return crop_uint8(load_rgb(sample.path), p)
+
+
+def iter_batches(
+    samples: Sequence[Sample], batch_size: int, p: Preprocess, workers: int = 2, desc: str | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (float32 NCHW images, int64 labels) batches in sample order; the last batch may be smaller.
+
+    Images are decoded by ``workers`` threads (PIL releases the GIL while decoding and resizing), with at
+    most a few batches in flight so memory stays flat. A DataError from any image propagates.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    in_flight_limit = 3 * batch_size
+    progress = tqdm(total=len(samples), desc=desc, unit="img", file=sys.stderr, disable=None) if desc else None
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+    try:
+        pending: deque = deque()
+        next_index = 0
+        for start in range(0, len(samples), batch_size):
+            stop = min(start + batch_size, len(samples))
+            while next_index < len(samples) and next_index < start + in_flight_limit:
+                pending.append(pool.submit(_decode, samples[next_index], p))
+                next_index += 1
+            crops = np.stack([pending.popleft().result() for _ in range(stop - start)])
+            labels = np.array([s.label for s in samples[start:stop]], dtype=np.int64)
+            if progress is not None:
+                progress.update(stop - start)
+            yield normalize_batch(crops, p), labels
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if progress is not None:
+            progress.close()

@@ -1,0 +1,144 @@
+"""A streaming histogram whose memory does not grow with the number of values it has seen.
+
+Bins sit on a grid anchored at zero: bin ``i`` covers ``[i * width, (i + 1) * width)``. Because every histogram of
+a tensor shares that anchoring, histograms built batch by batch merge exactly: growing the range only appends
+bins, and when the bin count passes ``2 * num_bins`` the width doubles and neighbouring bins are summed pairwise
+(an exact operation on an anchored grid). A percentile read from it is therefore within two bins of the exact
+percentile of all values, however the values were split into batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class StreamingHistogram:
+    def __init__(self, num_bins: int = 2048):
+        if num_bins < 16:
+            raise ValueError("num_bins must be at least 16")
+        self.num_bins = num_bins
+        self.width: float | None = None
+        self.start = 0  # grid index of counts[0]
+        self.counts = np.zeros(0, dtype=np.float64)
+        self.min = math.inf
+        self.max = -math.inf
+
+    @property
+    def total(self) -> float:
+        return float(self.counts.sum())
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float32).ravel()
+        if values.size == 0:
+            return
+        lo, hi = float(values.min()), float(values.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("values contain NaN or infinity")
+        self._insert(values, lo, hi)
+
+    def merge(self, other: "StreamingHistogram") -> None:
+        """Add another histogram of the same quantity (for example one built by another worker). Its bins are
+        re-binned at their centres, so a merged percentile is within two bins of the wider of the two grids."""
+        if other.width is None:
+            return
+        occupied = other.counts > 0
+        centres = (np.arange(other.start, other.start + other.counts.size)[occupied] + 0.5) * other.width
+        self._insert(centres.astype(np.float32), other.min, other.max, weights=other.counts[occupied])
+
+    def _insert(self, values: np.ndarray, lo: float, hi: float, weights: np.ndarray | None = None) -> None:
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if self.width is None:
+            span = hi - lo
+            self.width = span / self.num_bins if span > 0 else max(abs(hi), 1e-12) / self.num_bins
+        self._cover(lo, hi)
+        index = np.multiply(values, np.float32(1.0 / self.width), dtype=np.float32)
+        np.floor(index, out=index)
+        index -= np.float32(self.start)
+        bins = index.astype(np.int64)
+        np.clip(bins, 0, self.counts.size - 1, out=bins)
+        self.counts += np.bincount(bins, weights=weights, minlength=self.counts.size)
+
+    def percentile_range(self, percentile: float) -> tuple[float, float]:
+        """The range keeping ``percentile`` percent of values, cutting the rest equally from both tails."""
+        if self.width is None:
+            raise ValueError("empty histogram")
+        tail = (100.0 - percentile) / 200.0
+        cdf = np.cumsum(self.counts) / self.counts.sum()
+        lo_bin = int(np.searchsorted(cdf, tail, side="right"))
+        hi_bin = int(np.searchsorted(cdf, 1.0 - tail, side="left"))
+        hi_bin = min(hi_bin, self.counts.size - 1)
+        lo = (self.start + lo_bin) * self.width
+        hi = (self.start + hi_bin + 1) * self.width
+        return max(lo, self.min), min(hi, self.max)
+
+    def entropy_range(self, num_quantized_bins: int = 128) -> tuple[float, float]:
+        """Symmetric clipping threshold minimising the KL divergence between the |x| distribution and its
+        ``num_quantized_bins``-level quantization (the TensorRT calibration idea), clamped to the seen range."""
+        if self.width is None:
+            raise ValueError("empty histogram")
+        magnitude = self._magnitude_counts()
+        threshold = _min_kl_threshold(magnitude, num_quantized_bins) * self.width
+        return max(-threshold, self.min), min(threshold, self.max)
+
+    def _magnitude_counts(self) -> np.ndarray:
+        """Counts of |x| on the same grid: grid bin i >= 0 maps to i, bin i < 0 to -i - 1."""
+        grid = np.arange(self.start, self.start + self.counts.size)
+        magnitude_bin = np.where(grid >= 0, grid, -grid - 1)
+        return np.bincount(magnitude_bin, weights=self.counts)
+
+    def _cover(self, lo: float, hi: float) -> None:
+        while True:
+            first = math.floor(lo / self.width)
+            last = math.floor(hi / self.width)
+            if self.counts.size:
+                first = min(first, self.start)
+                last = max(last, self.start + self.counts.size - 1)
+            if last - first + 1 <= 2 * self.num_bins:
+                break
+            self._coarsen()
+        if self.counts.size == 0:
+            self.start, self.counts = first, np.zeros(last - first + 1)
+            return
+        before = self.start - first
+        after = last - (self.start + self.counts.size - 1)
+        if before or after:
+            self.counts = np.concatenate([np.zeros(before), self.counts, np.zeros(after)])
+            self.start = first
+
+    def _coarsen(self) -> None:
+        grid = np.arange(self.start, self.start + self.counts.size)
+        new_start = self.start // 2
+        self.counts = np.bincount(grid // 2 - new_start, weights=self.counts)
+        self.start = new_start
+        self.width *= 2
+
+
+def _min_kl_threshold(counts: np.ndarray, levels: int) -> int:
+    """Number of magnitude bins to keep so that quantizing them to ``levels`` levels loses the least information."""
+    size = counts.size
+    if size <= levels:
+        return size
+    step = max(1, (size - levels) // 256)
+    best_bins, best_kl = size, math.inf
+    for keep in range(levels, size + 1, step):
+        reference = counts[:keep].copy()
+        reference[-1] += counts[keep:].sum()
+        kept = counts[:keep]
+        edges = np.linspace(0, keep, levels + 1).astype(np.int64)
+        group = np.repeat(np.arange(levels), np.diff(edges))
+        nonzero = kept > 0
+        group_sum = np.bincount(group, weights=kept, minlength=levels)
+        group_nonzero = np.bincount(group, weights=nonzero, minlength=levels)
+        spread = np.where(nonzero, group_sum[group] / np.maximum(group_nonzero[group], 1), 0.0)
+        p = reference / reference.sum()
+        q_total = spread.sum()
+        if q_total == 0:
+            continue
+        q = spread / q_total
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best_bins, best_kl = keep, kl
+    return best_bins

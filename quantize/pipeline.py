@@ -1,0 +1,206 @@
+"""Runs the stages a config asks for; a stage whose inputs are unchanged reuses its artifact.
+
+Each stage writes into ``<work_dir>/<model>/<stage>-<key>/``, where the key hashes everything the stage reads
+(config values, input file hashes, image lists). ``record.json`` is written last, so a stage directory without it
+is an interrupted run and is redone. Only this module and ``__main__`` know about the config tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .artifacts import file_sha256, key_of, read_json, write_json
+from .calibrate import calibrate, save_ranges
+from .config import STAGES
+from .data import Sample, balanced_subset, iter_batches, list_samples
+from .errors import ConfigError
+from .evaluate import evaluate
+from .export import export_onnx
+from .preprocess import Preprocess
+from .report import write_report
+from .static_quant import quantize_model
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ["quantize", "torch", "torchvision", "onnx", "onnxruntime", "numpy", "hydra-core", "omegaconf", "pillow"]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _samples_digest(samples: list[Sample], root: Path) -> str:
+    return key_of([[str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path), s.label]
+                   for s in samples])
+
+
+class Pipeline:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        unknown = [s for s in cfg.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        self.stages = list(cfg.stages)
+        # A narrowed stage list means "recompute these"; the full list reuses whatever is cached.
+        self.force = set(self.stages) if set(self.stages) != set(STAGES) else set()
+        self.model_dir = Path(cfg.work_dir) / cfg.model.name
+        p = cfg.data.preprocess
+        self.preprocess = Preprocess(resize=p.resize, crop=p.crop, mean=tuple(p.mean), std=tuple(p.std))
+        self.records: dict[str, dict[str, Any]] = {}
+        self._sample_cache: dict[tuple, list[Sample]] = {}
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def _root(self, section: DictConfig) -> tuple[Path, str | None]:
+        root = section.root or self.cfg.data.root
+        if root is None:
+            raise ConfigError("no dataset given: set data.root=PATH (ImageNet val, synset folders or flat + labels)")
+        return Path(root).expanduser().resolve(), section.labels or self.cfg.data.labels
+
+    def _samples(self, section: DictConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]:
+        root, labels = self._root(section)
+        key = (root, labels, limit, seed)
+        if key not in self._sample_cache:
+            samples = list_samples(root, labels_file=labels, synsets=self.cfg.data.synsets)
+            self._sample_cache[key] = balanced_subset(samples, limit, seed=seed) if limit else samples
+        return self._sample_cache[key], root
+
+    def _batches(self, samples: list[Sample], batch_size: int, desc: str):
+        return iter_batches(samples, batch_size, self.preprocess, workers=self.cfg.data.workers, desc=desc)
+
+    # --- stage plumbing ---------------------------------------------------------------------------------------
+    def _stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        key = key_of(inputs)
+        stage_dir = self.model_dir / f"{stage}-{key}"
+        record_path = stage_dir / "record.json"
+        if record_path.exists() and stage not in self.force:
+            record = read_json(record_path)
+            log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
+            record["cached"] = True
+        elif stage not in self.stages:
+            raise ConfigError(f"stage '{stage}' is not in stages= and nothing is cached for these inputs; "
+                              f"add it: stages=[{','.join(s for s in STAGES if s in self.stages or s == stage)}]")
+        else:
+            log.info("%s: running -> %s", stage, stage_dir)
+            started = time.perf_counter()
+            if stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True)
+            record = work(stage_dir)
+            record.update(key=key, inputs=inputs, stage_seconds=time.perf_counter() - started)
+            write_json(record_path, record)
+            log.info("%s: done in %.1f s", stage, record["stage_seconds"])
+            record["cached"] = False
+        record["dir"] = str(stage_dir)
+        self.records[stage] = record
+        return record
+
+    # --- stages -----------------------------------------------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        m = self.cfg.model
+        checkpoint = Path(m.checkpoint).expanduser() if m.checkpoint else None
+        if checkpoint is not None and not checkpoint.is_file():
+            raise ConfigError(f"model.checkpoint={m.checkpoint} does not exist")
+        inputs = {"arch": m.arch, "pretrained": m.pretrained, "weights_url": m.weights_url,
+                  "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+                  "num_classes": m.num_classes, "opset": self.cfg.export.opset,
+                  "tolerance": self.cfg.export.tolerance, "check_images": self.cfg.export.check_images,
+                  "torch": metadata.version("torch")}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            from .models import build_model  # torch model code is only needed here
+
+            model = build_model(m.arch, pretrained=m.pretrained, weights_url=m.weights_url,
+                                checkpoint=str(checkpoint) if checkpoint else None, num_classes=m.num_classes)
+            samples, _ = self._samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
+            check_batch, _ = next(iter(self._batches(samples, len(samples), desc=None)))
+            exported = export_onnx(model, stage_dir / "model.onnx", check_batch, opset=self.cfg.export.opset,
+                                   tolerance=self.cfg.export.tolerance, threads=self.cfg.threads)
+            return {"path": str(exported.path), "opset": exported.opset, "max_abs_diff": exported.max_abs_diff,
+                    "seconds": exported.seconds, "sha256": file_sha256(exported.path)}
+
+        return self._stage("export", inputs, work)
+
+    def calibrate(self) -> dict[str, Any]:
+        exported = self.records.get("export") or self.export()
+        c = self.cfg.calib
+        samples, root = self._samples(c, c.num_images, c.seed)
+        inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
+                  "percentile": c.percentile if c.method == "percentile" else None,
+                  "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
+                  "images": _samples_digest(samples, root), "preprocess": self.preprocess.key()}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            images = (batch for batch, _ in self._batches(samples, c.batch_size, desc="calibrate"))
+            result = calibrate(Path(exported["path"]), images, method=c.method, percentile=c.percentile,
+                               num_bins=c.num_bins, threads=self.cfg.threads)
+            ranges_path = stage_dir / "ranges.json"
+            save_ranges(result, ranges_path)
+            return {"path": str(ranges_path), "sha256": file_sha256(ranges_path), "method": result.method,
+                    "num_images": result.num_images, "num_tensors": len(result.ranges), "seconds": result.seconds,
+                    "peak_rss_mb": result.peak_rss_mb, "root": str(root)}
+
+        return self._stage("calibrate", inputs, work)
+
+    def quantize(self) -> dict[str, Any]:
+        exported = self.records.get("export") or self.export()
+        calibrated = self.records.get("calibrate") or self.calibrate()
+        q = self.cfg.quant
+        options = dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
+                       per_channel=q.per_channel, reduce_range=q.reduce_range, opset=q.opset,
+                       op_types=list(q.op_types) if q.op_types else None, nodes_to_exclude=list(q.nodes_to_exclude))
+        inputs = {"model_sha256": exported["sha256"], "ranges_sha256": calibrated["sha256"],
+                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime")}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            result = quantize_model(Path(exported["path"]), Path(calibrated["path"]), stage_dir / "model.int8.onnx",
+                                    method=calibrated["method"], **options)
+            return {"path": str(result.path), "opset": result.opset, "seconds": result.seconds,
+                    "sha256": file_sha256(result.path)}
+
+        return self._stage("quantize", inputs, work)
+
+    def evaluate(self) -> dict[str, Any]:
+        exported = self.records.get("export") or self.export()
+        quantized = self.records.get("quantize") or self.quantize()
+        e = self.cfg.eval
+        samples, root = self._samples(e, e.limit, e.seed)
+        inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
+                  "images": _samples_digest(samples, root), "limit": e.limit, "seed": e.seed,
+                  "preprocess": self.preprocess.key()}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            result = evaluate({"fp32": Path(exported["path"]), "int8": Path(quantized["path"])},
+                              self._batches(samples, e.batch_size, desc="evaluate"), threads=self.cfg.threads)
+            return {"num_images": result.num_images, "root": str(root),
+                    "fp32": {"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
+                    "int8": {"top1": result.top1["int8"], "top5": result.top5["int8"]},
+                    "agreement_top1": result.agreement_top1, "seconds": result.seconds,
+                    "images_per_second": result.images_per_second}
+
+        return self._stage("evaluate", inputs, work)
+
+    def run(self) -> dict[str, Any] | None:
+        for stage in STAGES[:-1]:
+            if stage in self.stages and stage not in self.records:
+                getattr(self, stage)()
+        if "report" not in self.stages:
+            return None
+        for stage in STAGES[:-1]:
+            if stage not in self.records:
+                getattr(self, stage)()
+        return write_report(self.run_dir, self.cfg, self.records, package_versions())
