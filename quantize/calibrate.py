@@ -70,8 +70,10 @@ class _MinMax:
         self.min, self.max = np.inf, -np.inf
 
     def add(self, values: np.ndarray) -> None:
-        self.min = min(self.min, float(values.min()))
-        self.max = max(self.max, float(values.max()))
+        lo, hi = float(values.min()), float(values.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("values contain NaN or infinity")
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
 
     def range(self) -> tuple[float, float]:
         return self.min, self.max
@@ -105,10 +107,11 @@ def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str = "per
     for batch in batches:
         outputs = session.run(tensors, {feed_name: batch})
         for name, values in zip(tensors, outputs):
-            if not np.isfinite(values).all():
-                raise ModelError(f"activation {name!r} is NaN or infinite on calibration batch starting at "
-                                 f"image {count}: the fp32 model is broken")
-            collectors[name].add(values)
+            try:
+                collectors[name].add(values)
+            except ValueError as exc:
+                raise ModelError(f"activation {name!r} on the calibration batch starting at image {count}: "
+                                 f"{exc}; the fp32 model is broken") from exc
         del outputs
         count += len(batch)
     if count == 0:

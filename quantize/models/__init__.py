@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from quantize.errors import ModelError
-from quantize.models.checkpoint import extract_state_dict, load_into, load_state_dict_file
+from quantize.models.checkpoint import _unpickler_detail, extract_state_dict, load_into, load_state_dict_file
 
 __all__ = ["ArchSpec", "available_archs", "build_model", "get_arch", "register"]
 
@@ -94,9 +94,9 @@ def _download_state_dict(url: str, *, check_hash: bool) -> dict[str, torch.Tenso
             "pass model.checkpoint=PATH or model.pretrained=false"
         ) from None
     except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(str(exc)) or _one_line(exc, 200)
         raise ModelError(
-            f"refusing to load weights downloaded from {url}: not loadable with weights_only=True "
-            f"({_one_line(str(exc).split(chr(10))[0], 200)})"
+            f"refusing to load weights downloaded from {url}: not loadable with weights_only=True ({detail})"
         ) from None
     except (OSError, ValueError, RuntimeError, EOFError) as exc:
         # OSError: sockets, timeouts, disk; ValueError: malformed URL; RuntimeError: hash mismatch, corrupt file.

@@ -7,6 +7,7 @@ Python objects to unpickle is refused instead of executed.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def _one_line(text: object, limit: int = 300) -> str:
     """Collapse an exception message to a single line of bounded length."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _unpickler_detail(message: str) -> str | None:
+    """The one informative sentence of torch's multi-paragraph weights_only refusal, or None if it is not one."""
+    if "Weights only load failed" not in message and "WeightsUnpickler" not in message:
+        return None
+    match = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?:\s|$)", message)
+    return _one_line(match.group(1) if match else "weights_only load failed", limit=160)
 
 
 def extract_state_dict(obj: object, source_desc: str) -> dict[str, torch.Tensor]:
@@ -67,17 +76,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refusals come through here (and also some plain corruptions).
-        msg = str(exc)
-        if "weights_only" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
-            first = _one_line(msg.split("\n\n")[0].split("Please file an issue")[0], limit=200)
+        detail = _unpickler_detail(str(exc))
+        if detail is not None:
             raise ModelError(
-                f"refusing to load {desc}: it contains objects other than tensors, which are only loaded with "
-                f"weights_only=True ({first}); re-save it as a plain state dict (torch.save(model.state_dict(), path))"
+                f"refusing to load {desc}: it holds Python objects other than tensors, which weights_only loading "
+                f"does not execute ({detail}); re-save it as a plain state dict (torch.save(model.state_dict(), path))"
             ) from None
-        raise ModelError(f"cannot read {desc}: not a valid torch checkpoint ({_one_line(msg)})") from None
+        raise ModelError(f"cannot read {desc}: not a valid torch checkpoint ({_one_line(exc)})") from None
     except PermissionError as exc:
         raise ModelError(f"cannot read {desc}: {_one_line(exc.strerror or exc)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001 - anything else means "not a readable checkpoint" (nothing was executed)
         raise ModelError(
             f"cannot read {desc}: not a valid torch checkpoint ({type(exc).__name__}: {_one_line(exc)})"
         ) from None
@@ -139,7 +147,9 @@ def load_into(
 
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    tolerated = [k for k in missing if _harmless_missing(model, k)]
+    # Tolerance only applies to a checkpoint that otherwise has exactly the model's keys; when the key sets
+    # differ anyway (e.g. a prefix), every missing key is reported so the counts stay comparable.
+    tolerated = [] if unexpected else [k for k in missing if _harmless_missing(model, k)]
     missing = [k for k in missing if k not in tolerated]
     if missing or unexpected:
         parts = []

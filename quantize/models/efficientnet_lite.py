@@ -4,7 +4,7 @@
 Lite0 is EfficientNet-B0 minus squeeze-excitation, with ReLU6 instead of swish and a fixed 32-channel stem and
 1280-channel head. The weights were trained in TensorFlow with "SAME" padding: a stride-2 convolution on an even
 input pads one pixel more on the bottom/right than on the top/left. That is reproduced here with a static
-``nn.ZeroPad2d`` computed for the nominal input size (224), which exports to ONNX as a plain ``Pad``.
+zero pad computed for the nominal input size (224), which exports to ONNX as a single ``Pad`` with constant pads.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantize.errors import ModelError
@@ -42,6 +43,50 @@ def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+class _ConstantZeroPad(torch.autograd.Function):
+    """``F.pad`` with fixed (left, right, top, bottom) zero padding of an NCHW tensor.
+
+    Only here for its ``symbolic``: the TorchScript ONNX exporter turns a plain ``F.pad``/``nn.ZeroPad2d`` into a
+    ``Pad`` fed by a small subgraph (ConstantOfShape, Concat, Slice, Transpose, ...) that its constant folding
+    cannot fold, whereas this emits a single ``Pad`` whose pads are a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+        ctx.pads = pads
+        return F.pad(x, pads)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        left, right, top, bottom = ctx.pads
+        h, w = grad.shape[-2:]
+        return grad[..., top : h - bottom, left : w - right], None
+
+    @staticmethod
+    def symbolic(g, x, pads):
+        left, right, top, bottom = pads
+        onnx_pads = [0, 0, top, left, 0, 0, bottom, right]  # all begins (N, C, H, W), then all ends
+        if g.opset < 11:
+            return g.op("Pad", x, pads_i=onnx_pads, mode_s="constant", value_f=0.0)
+        return g.op("Pad", x, g.op("Constant", value_t=torch.tensor(onnx_pads, dtype=torch.int64)), mode_s="constant")
+
+
+class StaticZeroPad2d(nn.Module):
+    """Zero padding fixed at construction: (left, right, top, bottom), like ``nn.ZeroPad2d``, exported as one Pad."""
+
+    def __init__(self, padding: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.padding = tuple(int(p) for p in padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.pad(x, list(self.padding))
+        return _ConstantZeroPad.apply(x, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding}"
+
+
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
@@ -50,7 +95,7 @@ class SamePadConv2d(nn.Conv2d):
     """Bias-free Conv2d that pads like TF "SAME" for a fixed square input of side ``input_size``.
 
     Stride 1 (odd kernel): SAME is symmetric, so the convolution's own ``padding=k//2`` is used.
-    Stride > 1: the possibly asymmetric padding is a parameter-free ``ZeroPad2d`` in front of an unpadded conv.
+    Stride > 1: the possibly asymmetric padding is a parameter-free static zero pad in front of an unpadded conv.
     With ``tf_same=False`` every conv uses symmetric ``k//2`` (only useful to measure what SAME padding is worth).
     """
 
@@ -77,7 +122,7 @@ class SamePadConv2d(nn.Conv2d):
             bias=False,
         )
         # (left, right, top, bottom); the input is square, so both axes get the same split.
-        self.same_pad: nn.Module = nn.ZeroPad2d((before, after, before, after)) if use_pad_layer else nn.Identity()
+        self.same_pad: nn.Module = StaticZeroPad2d((before, after, before, after)) if use_pad_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.same_pad(x))
