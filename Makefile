@@ -8,7 +8,7 @@ DATA   ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install quantize test test-all clean
+.PHONY: install quantize test test-all clean calib-set
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,10 @@ test-all: install
 
 clean:
 	rm -rf artifacts outputs multirun .pytest_cache
+
+## calib-set [N=1000] [SEED=0] [GROUND_TRUTH=val_synsets.txt or val_label.txt]: write calib_lists/ilsvrc2012_val_<N>[_seed<S>].txt
+N ?= 1000
+SEED ?= 0
+GROUND_TRUTH ?= ../shared/data/imagenet/val_synsets.txt
+calib-set: install
+	$(PY) -m data_prep calib-set --ground-truth $(GROUND_TRUTH) --n $(N) --seed $(SEED)

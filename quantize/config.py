@@ -45,6 +45,7 @@ class DataConfig:
     labels: Optional[str] = None   # labels file for the flat layout (default: looked up in root)
     synsets: Optional[str] = None  # the 1000 sorted synsets (default: bundled list)
     workers: int = 2               # decoding threads
+    cache_dir: Optional[str] = None  # preprocessed crops (python -m data_prep cache), used when one matches
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
@@ -61,6 +62,9 @@ class CalibConfig:
     percentile: float = 99.999
     num_bins: int = 2048
     num_images: int = 1000         # class-balanced: one image per class first
+    # Committed image list used when the calibration folder holds ImageNet val (null: select from the folder).
+    # A relative path is looked up from the current directory, then from the project root.
+    list: Optional[str] = "calib_lists/ilsvrc2012_val_1000.txt"
     seed: int = 0
     batch_size: int = 8            # activations of one batch are the calibration's whole memory
     root: Optional[str] = None     # default: data.root

@@ -107,6 +107,12 @@ def _list_folders(root: Path, folders: list[str], class_of: dict[str, int]) -> l
     return samples
 
 
+def read_labels_file(path: str | Path, synsets: Sequence[str] | None = None) -> dict[str, int]:
+    """``{image name: class index}`` from a labels file (``name class`` or ``name synset`` per line), validated."""
+    synsets = list(synsets) if synsets is not None else load_synsets()
+    return _parse_labels(Path(path), synsets, {s: i for i, s in enumerate(synsets)})
+
+
 def _parse_labels(path: Path, synsets: Sequence[str], class_of: dict[str, int]) -> dict[str, int]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -166,11 +172,12 @@ def balanced_subset(samples: Sequence[Sample], n: int | None, seed: int = 0) -> 
     """A deterministic, class-balanced subset of ``n`` samples, returned in input order.
 
     Rule: within each class, images are sorted by file name then shuffled with
-    ``numpy.random.default_rng([seed, label])``; the subset is then filled round robin, classes in
-    class-index order: the first image of every class, then the second of every class that has one, ...
-    until ``n`` are taken. So every class is covered before any repeats, class counts differ by at most
-    one (unless a class runs out), and the result depends only on the set of samples and the seed, never
-    on filesystem order. ``n=None`` or ``n >= len(samples)`` returns all samples.
+    ``numpy.random.default_rng([seed, label])``. The subset is filled in rounds: round ``r`` takes the
+    ``r``-th image of every class that still has one, visiting classes in the order of a seeded permutation
+    (``default_rng([seed, 1_000_003, r])``), until ``n`` are taken. So every class is covered before any
+    repeats, class counts differ by at most one (unless a class runs out), a last partial round is spread over
+    classes at random rather than given to the lowest class indices, and the result depends only on the set
+    of samples and the seed, never on filesystem order. ``n=None`` or ``n >= len(samples)`` returns all.
     """
     if n is None or n >= len(samples):
         return list(samples)
@@ -187,7 +194,8 @@ def balanced_subset(samples: Sequence[Sample], n: int | None, seed: int = 0) -> 
     chosen: list[int] = []
     rank = 0
     while len(chosen) < n:
-        chosen.extend(q[rank] for q in queues if rank < len(q))
+        visit = np.random.default_rng([seed, 1_000_003, rank]).permutation(len(queues))
+        chosen.extend(queues[q][rank] for q in visit if rank < len(queues[q]))
         rank += 1
     return [samples[i] for i in sorted(chosen[:n])]
 

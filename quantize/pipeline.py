@@ -15,15 +15,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .artifacts import file_sha256, key_of, read_json, write_json
 from .calibrate import calibrate, save_ranges
 from .config import STAGES
+from .crop_cache import open_cache
 from .data import Sample, balanced_subset, iter_batches, list_samples
 from .errors import ConfigError
 from .evaluate import evaluate
 from .export import export_onnx
+from .image_list import match_image_list, read_image_list
 from .preprocess import Preprocess
 from .report import write_report
 from .static_quant import quantize_model
@@ -41,6 +43,17 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _project_path(path: str) -> Path:
+    """A path as given when it exists (or is absolute), else relative to the project root (calib_lists/...)."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists():
+        return given
+    return PROJECT_ROOT / given
 
 
 def _samples_digest(samples: list[Sample], root: Path) -> str:
@@ -79,7 +92,32 @@ class Pipeline:
             self._sample_cache[key] = balanced_subset(samples, limit, seed=seed) if limit else samples
         return self._sample_cache[key], root
 
-    def _batches(self, samples: list[Sample], batch_size: int, desc: str):
+    def _calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]:
+        """The committed list when the calibration folder holds its images, else a class-balanced selection."""
+        c = self.cfg.calib
+        if c.list:
+            list_path = _project_path(c.list)
+            entries = read_image_list(list_path)
+            everything, root = self._samples(c, None, c.seed)
+            present = {s.path.name for s in everything}
+            found = sum(name in present for name, _ in entries)
+            if found:
+                listed = match_image_list(everything, entries, source=f"calib.list {list_path}")
+                if c.num_images < len(listed):
+                    listed = balanced_subset(listed, c.num_images, seed=c.seed)
+                return listed, root, {"list": str(list_path), "list_sha256": file_sha256(list_path)}
+            log.info("calibrate: none of the %d images of calib.list=%s are in %s (not ImageNet val); selecting "
+                     "%d images class-balanced from the folder instead", len(entries), c.list, root, c.num_images)
+        samples, root = self._samples(c, c.num_images, c.seed)
+        return samples, root, {"list": None, "list_sha256": None}
+
+    def _batches(self, samples: list[Sample], root: Path, batch_size: int, desc: str | None):
+        """Decoded batches, read from a matching preprocessed cache in data.cache_dir when there is one."""
+        if self.cfg.data.cache_dir:
+            cache = open_cache(samples, root, self.preprocess, Path(self.cfg.data.cache_dir))
+            if cache is not None:
+                log.info("%s: reading preprocessed crops from %s", desc or "data", cache.path)
+                return cache.iter_batches(batch_size, desc=desc)
         return iter_batches(samples, batch_size, self.preprocess, workers=self.cfg.data.workers, desc=desc)
 
     # --- stage plumbing ---------------------------------------------------------------------------------------
@@ -126,8 +164,8 @@ class Pipeline:
 
             model = build_model(m.arch, pretrained=m.pretrained, weights_url=m.weights_url,
                                 checkpoint=str(checkpoint) if checkpoint else None, num_classes=m.num_classes)
-            samples, _ = self._samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
-            check_batch, _ = next(iter(self._batches(samples, len(samples), desc=None)))
+            samples, root = self._samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
+            check_batch, _ = next(iter(self._batches(samples, root, len(samples), desc=None)))
             exported = export_onnx(model, stage_dir / "model.onnx", check_batch, opset=self.cfg.export.opset,
                                    tolerance=self.cfg.export.tolerance, threads=self.cfg.threads)
             return {"path": str(exported.path), "opset": exported.opset, "max_abs_diff": exported.max_abs_diff,
@@ -138,21 +176,21 @@ class Pipeline:
     def calibrate(self) -> dict[str, Any]:
         exported = self.records.get("export") or self.export()
         c = self.cfg.calib
-        samples, root = self._samples(c, c.num_images, c.seed)
+        samples, root, image_list = self._calibration_samples()
         inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
                   "percentile": c.percentile if c.method == "percentile" else None,
                   "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
                   "images": _samples_digest(samples, root), "preprocess": self.preprocess.key()}
 
         def work(stage_dir: Path) -> dict[str, Any]:
-            images = (batch for batch, _ in self._batches(samples, c.batch_size, desc="calibrate"))
+            images = (batch for batch, _ in self._batches(samples, root, c.batch_size, desc="calibrate"))
             result = calibrate(Path(exported["path"]), images, method=c.method, percentile=c.percentile,
                                num_bins=c.num_bins, threads=self.cfg.threads)
             ranges_path = stage_dir / "ranges.json"
             save_ranges(result, ranges_path)
             return {"path": str(ranges_path), "sha256": file_sha256(ranges_path), "method": result.method,
                     "num_images": result.num_images, "num_tensors": len(result.ranges), "seconds": result.seconds,
-                    "peak_rss_mb": result.peak_rss_mb, "root": str(root)}
+                    "peak_rss_mb": result.peak_rss_mb, "root": str(root), **image_list}
 
         return self._stage("calibrate", inputs, work)
 
@@ -185,7 +223,7 @@ class Pipeline:
 
         def work(stage_dir: Path) -> dict[str, Any]:
             result = evaluate({"fp32": Path(exported["path"]), "int8": Path(quantized["path"])},
-                              self._batches(samples, e.batch_size, desc="evaluate"), threads=self.cfg.threads)
+                              self._batches(samples, root, e.batch_size, desc="evaluate"), threads=self.cfg.threads)
             return {"num_images": result.num_images, "root": str(root),
                     "fp32": {"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
                     "int8": {"top1": result.top1["int8"], "top5": result.top5["int8"]},

@@ -21,7 +21,8 @@ def build_report(cfg: DictConfig, records: dict[str, dict[str, Any]], versions: 
         "source": cfg.model.source,
         "calib": {"method": calib["method"], "num_images": calib["num_images"], "seconds": calib["seconds"],
                   "peak_rss_mb": calib["peak_rss_mb"], "percentile": cfg.calib.percentile
-                  if calib["method"] == "percentile" else None, "root": calib["root"], "cached": calib["cached"]},
+                  if calib["method"] == "percentile" else None, "root": calib["root"], "list": calib.get("list"),
+                  "list_sha256": calib.get("list_sha256"), "cached": calib["cached"]},
         "fp32": ev["fp32"],
         "int8": ev["int8"],
         "drop_top1": ev["fp32"]["top1"] - ev["int8"]["top1"],
@@ -53,8 +54,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# {report['model']}: fp32 vs int8",
         "",
         f"{report['eval']['num_images']} images from `{report['eval']['root']}`; calibration: {calib['method']} "
-        f"on {calib['num_images']} images ({_fmt(calib['seconds'], 1)} s, peak RSS {_fmt(calib['peak_rss_mb'], 0)}"
-        f" MiB).",
+        f"on {calib['num_images']} images"
+        + (f" of `{calib['list']}`" if calib["list"] else " selected class-balanced")
+        + f" ({_fmt(calib['seconds'], 1)} s, peak RSS {_fmt(calib['peak_rss_mb'], 0)} MiB).",
         "",
         "| | top-1 | top-5 |",
         "|---|---|---|",

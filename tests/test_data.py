@@ -174,7 +174,14 @@ def test_balanced_subset_covers_every_class_first():
                 if k - m > 1:
                     assert m == counts[other], (n, taken)
         if n <= len(counts):
-            assert sorted(s.label for s in subset) == sorted(counts)[:n]
+            assert len({s.label for s in subset}) == n  # distinct classes first
+
+
+def test_balanced_subset_spreads_a_partial_round_over_classes():
+    samples = fake_samples({label: 2 for label in range(1000)})
+    labels = sorted(s.label for s in balanced_subset(samples, 100, seed=0))
+    assert len(set(labels)) == 100
+    assert max(labels) > 500  # not simply the 100 lowest class indices
 
 
 def test_balanced_subset_is_deterministic_and_seeded():

@@ -1,5 +1,6 @@
 """End to end: Hydra config -> every stage -> report, on tiny generated data and on the real photos."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -57,6 +58,7 @@ def test_tiny_run_reports_every_field_then_reuses_its_artifacts(tmp_path, flat):
     for precision in ("fp32", "int8"):
         assert 0 <= on_disk[precision]["top1"] <= on_disk[precision]["top5"] <= 100
     assert on_disk["reference"]["top1"] == 60.552
+    assert on_disk["calib"]["list"] is None  # the committed ImageNet list's images are not in this folder
     assert on_disk["export"]["max_abs_diff"] < 1e-3
     assert on_disk["onnx"]["int8_opset"] == 13 and on_disk["onnx"]["fp32_opset"] == 11
     assert Path(on_disk["onnx"]["int8_path"]).is_file()
@@ -97,6 +99,26 @@ def test_calibration_and_evaluation_read_their_own_folders(tmp_path):
     report = Pipeline(cfg, tmp_path / "r").run()
     assert report["calib"]["root"] == str(calib) and report["calib"]["num_images"] == 4
     assert report["eval"]["root"] == str(evaluation) and report["eval"]["num_images"] == 3
+
+
+def test_calibration_follows_an_image_list_and_reports_its_hash(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val", flat=True)
+    image_list = tmp_path / "calib.txt"
+    image_list.write_text("ILSVRC2012_val_00000005.JPEG 999\nILSVRC2012_val_00000002.JPEG 3\n")
+    report = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", f"calib.list={image_list}")),
+                      tmp_path / "r").run()
+    assert report["calib"]["num_images"] == 2
+    assert report["calib"]["list"] == str(image_list)
+    assert report["calib"]["list_sha256"] == hashlib.sha256(image_list.read_bytes()).hexdigest()
+
+
+def test_an_image_list_naming_absent_images_is_a_data_error(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    image_list = tmp_path / "calib.txt"
+    image_list.write_text("ILSVRC2012_val_00000001.JPEG 3\nILSVRC2012_val_00000099.JPEG 3\n")
+    with pytest.raises(DataError, match="ILSVRC2012_val_00000099.JPEG"):
+        Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", f"calib.list={image_list}")),
+                 tmp_path / "r").run()
 
 
 def test_missing_dataset_is_a_data_error(tmp_path):

@@ -1,0 +1,35 @@
+"""``python -m data_prep <command> ...``: each command lives in its own module exposing ``add_parser``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from quantize.errors import QuantizeError
+
+COMMANDS = ["calib_set", "labels", "class_names", "sort_val", "cache"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0].strip("`"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name in COMMANDS:
+        importlib.import_module(f"data_prep.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args.run(args)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
