@@ -16,8 +16,8 @@ from pathlib import Path
 
 from data_prep.labels import _read_lines, read_synset_ground_truth, val_image_name
 from quantize.artifacts import write_text
-from quantize.data import NUM_CLASSES, Sample, _examples, balanced_subset, load_synsets, read_labels_file
-from quantize.errors import ConfigError, DataError
+from quantize.data import NUM_CLASSES, Sample, balanced_subset, load_synsets, read_labels_file
+from quantize.errors import ConfigError, DataError, examples
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def select(entries: list[tuple[str, int]], n: int, seed: int = 0,
     absent = [str(c) for c in range(num_classes) if c not in per_class]
     if absent:
         raise DataError(f"the ground truth has {num_classes - len(absent)} of the {num_classes} classes; "
-                        f"{len(absent)} classes have no image ({_examples(absent)})")
+                        f"{len(absent)} classes have no image ({examples(absent)})")
     base = n // num_classes
     short = [f"{c} ({k})" for c, k in sorted(per_class.items()) if k < base]
     if short or n > len(entries):
         raise DataError(f"N={n} needs {base} images per class from {len(entries)} images, but {len(short)} "
-                        f"classes have fewer (class (images): {_examples(short)})")
+                        f"classes have fewer (class (images): {examples(short)})")
     if n % num_classes:
         log.info("N=%d is not a multiple of %d: every class gets %d images and %d classes, chosen by a seeded "
                  "permutation (seed %d), get one more", n, num_classes, n // num_classes, n % num_classes, seed)

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from quantize.artifacts import write_text
-from quantize.data import SYNSETS_FILE, _examples, load_synsets
-from quantize.errors import DataError
+from quantize.data import SYNSETS_FILE, load_synsets
+from quantize.errors import DataError, examples
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def class_names(synsets_path: str | Path | None = None) -> list[str]:
     nameless = [f"line {k}: {e[0]}" for k, e in enumerate(entries, 1) if len(e) < 2]
     if nameless:
         raise DataError(f"synsets file {path}: {len(nameless)} synsets have no class name after the id "
-                        f"({_examples(nameless)})")
+                        f"({examples(nameless)})")
     return [e[1].strip() for e in entries]
 
 

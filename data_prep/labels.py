@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from quantize.artifacts import write_text
-from quantize.data import NUM_CLASSES, SYNSETS_FILE, _examples, load_synsets
-from quantize.errors import DataError
+from quantize.data import NUM_CLASSES, SYNSETS_FILE, load_synsets
+from quantize.errors import DataError, examples
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _parse_per_line(path: Path, what: str, parse: Callable[[str], tuple[object, 
     if problems:
         raise DataError(
             f"{what} {path}: "
-            + "; ".join(f"{len(v)} {'line' if len(v) == 1 else 'lines'} {kind} ({_examples(v)})"
+            + "; ".join(f"{len(v)} {'line' if len(v) == 1 else 'lines'} {kind} ({examples(v)})"
                         for kind, v in problems.items())
         )
     return values
@@ -123,7 +123,7 @@ def devkit_order_from_meta(path: Path) -> list[str]:
     missing = [str(k) for k in range(1, NUM_CLASSES + 1) if k not in order]
     if missing:
         raise DataError(f"devkit meta {path}: {len(missing)} of the devkit ids 1-{NUM_CLASSES} have no synset "
-                        f"({_examples(missing)})")
+                        f"({examples(missing)})")
     return [order[k] for k in range(1, NUM_CLASSES + 1)]
 
 
@@ -132,7 +132,7 @@ def check_devkit_order(order: Sequence[str], synsets: Sequence[str], source: Pat
     unknown = [f"id {k}: {s}" for k, s in enumerate(order, 1) if s not in known]
     if unknown:
         raise DataError(f"devkit synsets {source}: {len(unknown)} of its synsets are not in the synsets list "
-                        f"({_examples(unknown)})")
+                        f"({examples(unknown)})")
     if len(set(order)) != len(order):
         raise DataError(f"devkit synsets {source}: {len(order) - len(set(order))} synsets are repeated")
 

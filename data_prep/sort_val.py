@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quantize.artifacts import atomic_path
-from quantize.data import _examples, load_synsets, read_labels_file
-from quantize.errors import DataError
+from quantize.data import load_synsets, read_labels_file
+from quantize.errors import DataError, examples
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ def make_plan(root: Path, labels: dict[str, int], synsets: list[str], out: Path,
             missing.append(name)
     if missing:
         raise DataError(f"{len(missing)} of the {len(labels)} labelled images are neither in {root} nor sorted "
-                        f"under {out} ({_examples(missing)}); nothing was changed")
+                        f"under {out} ({examples(missing)}); nothing was changed")
     if conflicts:
         many = len(conflicts) > 1
         raise DataError(f"{len(conflicts)} target{'s' if many else ''} already hold{'' if many else 's'} other "
-                        f"content ({_examples(conflicts)}); not overwriting, nothing was changed")
+                        f"content ({examples(conflicts)}); not overwriting, nothing was changed")
     return plan
 
 

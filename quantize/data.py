@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from quantize.errors import ConfigError, DataError
+from quantize.errors import ConfigError, DataError, examples
 from quantize.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
 
 SYNSETS_FILE = Path(__file__).resolve().parent / "resources" / "imagenet_synsets.txt"
 NUM_CLASSES = 1000
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 LABELS_FILE_NAMES = ("val_label.txt", "val.txt", "labels.txt")
-_MAX_EXAMPLES = 5
 
 LAYOUTS_HELP = (
     "expected either synset folders (root/n01440764/*.JPEG) or images directly in root plus a labels file "
@@ -84,16 +83,11 @@ def _is_image(entry: os.DirEntry) -> bool:
     return entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith(".") and entry.is_file()
 
 
-def _examples(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_MAX_EXAMPLES])
-    return shown + (", ..." if len(items) > _MAX_EXAMPLES else "")
-
-
 def _list_folders(root: Path, folders: list[str], class_of: dict[str, int]) -> list[Sample]:
     unknown = [f for f in folders if f not in class_of]
     if unknown:
         raise DataError(
-            f"data root {root}: {len(unknown)} folders are not ImageNet synset ids ({_examples(unknown)}); "
+            f"data root {root}: {len(unknown)} folders are not ImageNet synset ids ({examples(unknown)}); "
             + LAYOUTS_HELP
         )
     samples = [
@@ -147,7 +141,7 @@ def _parse_labels(path: Path, synsets: Sequence[str], class_of: dict[str, int]) 
         labels[name] = label
     if problems:
         parts = [
-            f"{len(v)} {kind.format(lines='line' if len(v) == 1 else 'lines')} ({_examples(v)})"
+            f"{len(v)} {kind.format(lines='line' if len(v) == 1 else 'lines')} ({examples(v)})"
             for kind, v in problems.items()
         ]
         raise DataError(f"labels file {path}: " + "; ".join(parts))
@@ -163,7 +157,7 @@ def _list_flat(root: Path, labels_file: Path, synsets: Sequence[str], class_of: 
     if missing:
         raise DataError(
             f"labels file {labels_file}: {len(missing)} of {len(labels)} images are missing from {root} "
-            f"({_examples(missing)})"
+            f"({examples(missing)})"
         )
     return [Sample(root / name, label) for name, label in labels.items()]
 

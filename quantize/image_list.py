@@ -6,14 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from quantize.data import Sample, list_samples, read_labels_file
-from quantize.errors import DataError
-
-_MAX_EXAMPLES = 5
-
-
-def _examples(items: Sequence[str]) -> str:
-    return ", ".join(items[:_MAX_EXAMPLES]) + (", ..." if len(items) > _MAX_EXAMPLES else "")
-
+from quantize.errors import DataError, examples
 
 def read_image_list(path: str | Path, synsets: Sequence[str] | None = None) -> list[tuple[str, int]]:
     """``(image name, class index)`` pairs in file order (classes may be indices or synset ids)."""
@@ -34,18 +27,18 @@ def match_image_list(
     missing = [name for name, _ in entries if name not in by_name]
     if missing:
         raise DataError(
-            f"{source}: {len(missing)} of {len(entries)} listed images are not in the dataset ({_examples(missing)})"
+            f"{source}: {len(missing)} of {len(entries)} listed images are not in the dataset ({examples(missing)})"
         )
     ambiguous = [name for name, _ in entries if len(by_name[name]) > 1]
     if ambiguous:
         raise DataError(
-            f"{source}: {len(ambiguous)} listed names match several dataset images ({_examples(ambiguous)})"
+            f"{source}: {len(ambiguous)} listed names match several dataset images ({examples(ambiguous)})"
         )
     wrong = [f"{name}: list {label}, dataset {by_name[name][0].label}"
              for name, label in entries if by_name[name][0].label != label]
     if wrong:
         raise DataError(
-            f"{source}: the labels of {len(wrong)} listed images disagree with the dataset's ({_examples(wrong)})"
+            f"{source}: the labels of {len(wrong)} listed images disagree with the dataset's ({examples(wrong)})"
         )
     return [by_name[name][0] for name, _ in entries]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantize.errors import ModelError
+from quantize.errors import ModelError, one_line
 from quantize.models.checkpoint import _unpickler_detail, extract_state_dict, load_into, load_state_dict_file
 
 __all__ = ["ArchSpec", "available_archs", "build_model", "get_arch", "register"]
@@ -75,11 +75,6 @@ def _is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme.lower() in ("http", "https", "ftp", "file")
 
 
-def _one_line(text: object, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _download_state_dict(url: str, *, check_hash: bool) -> dict[str, torch.Tensor]:
     """Fetch a state dict through torch.hub's cache (``<torch hub dir>/checkpoints``), safely unpickled."""
     try:
@@ -90,18 +85,18 @@ def _download_state_dict(url: str, *, check_hash: bool) -> dict[str, torch.Tenso
         if isinstance(exc, urllib.error.HTTPError):
             reason = f"HTTP {exc.code} {exc.reason}"
         raise ModelError(
-            f"cannot download weights from URL: {_one_line(reason)} ({url}); "
+            f"cannot download weights from URL: {one_line(reason)} ({url}); "
             "pass model.checkpoint=PATH or model.pretrained=false"
         ) from None
     except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(str(exc)) or _one_line(exc, 200)
+        detail = _unpickler_detail(str(exc)) or one_line(exc, 200)
         raise ModelError(
             f"refusing to load weights downloaded from {url}: not loadable with weights_only=True ({detail})"
         ) from None
     except (OSError, ValueError, RuntimeError, EOFError) as exc:
         # OSError: sockets, timeouts, disk; ValueError: malformed URL; RuntimeError: hash mismatch, corrupt file.
         raise ModelError(
-            f"cannot download weights from URL: {type(exc).__name__}: {_one_line(exc)} ({url}); "
+            f"cannot download weights from URL: {type(exc).__name__}: {one_line(exc)} ({url}); "
             "pass model.checkpoint=PATH or model.pretrained=false"
         ) from None
     return extract_state_dict(obj, f"weights from {url}")

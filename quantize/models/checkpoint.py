@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize.errors import ModelError
+from quantize.errors import ModelError, one_line
 
 __all__ = ["extract_state_dict", "load_into", "load_state_dict_file"]
 
@@ -23,18 +23,12 @@ _WRAPPER_KEYS = ("state_dict", "model")
 _MAX_LISTED = 5
 
 
-def _one_line(text: object, limit: int = 300) -> str:
-    """Collapse an exception message to a single line of bounded length."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _unpickler_detail(message: str) -> str | None:
     """The one informative sentence of torch's multi-paragraph weights_only refusal, or None if it is not one."""
     if "Weights only load failed" not in message and "WeightsUnpickler" not in message:
         return None
     match = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?:\s|$)", message)
-    return _one_line(match.group(1) if match else "weights_only load failed", limit=160)
+    return one_line(match.group(1) if match else "weights_only load failed", limit=160)
 
 
 def extract_state_dict(obj: object, source_desc: str) -> dict[str, torch.Tensor]:
@@ -82,12 +76,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 f"refusing to load {desc}: it holds Python objects other than tensors, which weights_only loading "
                 f"does not execute ({detail}); re-save it as a plain state dict (torch.save(model.state_dict(), path))"
             ) from None
-        raise ModelError(f"cannot read {desc}: not a valid torch checkpoint ({_one_line(exc)})") from None
+        raise ModelError(f"cannot read {desc}: not a valid torch checkpoint ({one_line(exc)})") from None
     except PermissionError as exc:
-        raise ModelError(f"cannot read {desc}: {_one_line(exc.strerror or exc)}") from None
+        raise ModelError(f"cannot read {desc}: {one_line(exc.strerror or exc)}") from None
     except Exception as exc:  # noqa: BLE001 - anything else means "not a readable checkpoint" (nothing was executed)
         raise ModelError(
-            f"cannot read {desc}: not a valid torch checkpoint ({type(exc).__name__}: {_one_line(exc)})"
+            f"cannot read {desc}: not a valid torch checkpoint ({type(exc).__name__}: {one_line(exc)})"
         ) from None
     return extract_state_dict(obj, desc)
 
@@ -177,5 +171,5 @@ def load_into(
     try:
         model.load_state_dict(given, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied; shapes and keys were checked above
-        raise ModelError(f"{source_desc} cannot be loaded into {target}: {_one_line(exc)}") from None
+        raise ModelError(f"{source_desc} cannot be loaded into {target}: {one_line(exc)}") from None
     return model
