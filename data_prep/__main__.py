@@ -1,4 +1,7 @@
-"""``python -m data_prep <command> ...``: each command lives in its own module exposing ``add_parser``."""
+"""ImageNet preparation commands: python -m data_prep <command> --help.
+
+Each command lives in its own module exposing ``add_parser``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ COMMANDS = ["calib_set", "labels", "class_names", "sort_val", "cache"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name in COMMANDS:
         importlib.import_module(f"data_prep.{name}").add_parser(sub)

@@ -11,8 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from quantize.config import register_configs
+from quantize.crop_cache import build_cache
+from quantize.data import list_samples
 from quantize.errors import ConfigError, DataError
 from quantize.pipeline import Pipeline
+from quantize.preprocess import Preprocess
 
 from conftest import REPO, SHARED_IMAGENET, needs_shared_imagenet, write_tiny_imagenet
 
@@ -79,7 +82,8 @@ def test_tiny_run_reports_every_field_then_reuses_its_artifacts(tmp_path, flat):
 def test_changed_calibration_reuses_export_but_redoes_the_rest(tmp_path):
     data = write_tiny_imagenet(tmp_path / "val")
     Pipeline(compose_config(tiny_overrides(data, tmp_path / "a")), tmp_path / "r1").run()
-    report = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib=minmax")), tmp_path / "r2").run()
+    report = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib=minmax", "calib.list=null")),
+                      tmp_path / "r2").run()
     assert report["calib"]["method"] == "minmax"
     assert {n: s["cached"] for n, s in report["stages"].items()} == {
         "export": True, "calibrate": False, "quantize": False, "evaluate": False}
@@ -119,6 +123,18 @@ def test_an_image_list_naming_absent_images_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="ILSVRC2012_val_00000099.JPEG"):
         Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", f"calib.list={image_list}")),
                  tmp_path / "r").run()
+
+
+def test_evaluation_reads_a_matching_crop_cache_instead_of_the_images(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    first = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a")), tmp_path / "r1").run()
+    build_cache(list_samples(data), data, Preprocess(), tmp_path / "cache")
+    for image in data.rglob("*.JPEG"):
+        image.write_bytes(b"not a jpeg")  # from now on only the cache can serve the evaluation
+    again = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", f"data.cache_dir={tmp_path / 'cache'}",
+                                                   "stages=[evaluate,report]")), tmp_path / "r2").run()
+    assert again["stages"]["evaluate"]["cached"] is False
+    assert (again["fp32"], again["int8"]) == (first["fp32"], first["int8"])
 
 
 def test_missing_dataset_is_a_data_error(tmp_path):
