@@ -17,6 +17,9 @@ class ReferenceConfig:
     top1: Optional[float] = None
     top5: Optional[float] = None
     source: str = ""
+    params_m: Optional[float] = None   # published parameter count, millions
+    flops_m: Optional[float] = None    # published compute, millions, counted as flops_kind says
+    flops_kind: str = "macs"           # macs (multiply-accumulates) | flops: which convention the source uses
 
 
 @dataclass

@@ -41,18 +41,23 @@ class ArchSpec:
     name: str
     builder: Builder
     default_weights: Callable[[], str] | None = None
+    # The source's checkpoint key layout -> this module's (prefixes, renamed or transposed tensors); must accept
+    # a state dict already in our layout unchanged.
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
-def register(arch: str, *, default_weights: Callable[[], str] | None = None) -> Callable[[Builder], Builder]:
+def register(arch: str, *, default_weights: Callable[[], str] | None = None,
+             convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+             ) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(num_classes: int = 1000) -> nn.Module`` under ``arch``."""
 
     def decorator(builder: Builder) -> Builder:
         if arch in _REGISTRY:
             raise ValueError(f"architecture {arch!r} is already registered")
-        _REGISTRY[arch] = ArchSpec(arch, builder, default_weights)
+        _REGISTRY[arch] = ArchSpec(arch, builder, default_weights, convert)
         return builder
 
     return decorator
@@ -102,6 +107,10 @@ def _download_state_dict(url: str, *, check_hash: bool) -> dict[str, torch.Tenso
     return extract_state_dict(obj, f"weights from {url}")
 
 
+def _converted(spec: ArchSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return spec.convert(state) if spec.convert is not None else state
+
+
 def _random_init(spec: ArchSpec, num_classes: int) -> nn.Module:
     # fork_rng keeps the caller's global RNG state untouched; devices=[] avoids touching CUDA.
     with torch.random.fork_rng(devices=[]):
@@ -137,7 +146,7 @@ def build_model(
     if checkpoint:
         log.info("loading %s weights from checkpoint %s", arch, checkpoint)
         state = load_state_dict_file(checkpoint)
-        load_into(model, state, f"checkpoint {checkpoint}", target_desc=arch)
+        load_into(model, _converted(spec, state), f"checkpoint {checkpoint}", target_desc=arch)
     elif pretrained:
         if weights_url:
             source, official = weights_url, False
@@ -151,11 +160,11 @@ def build_model(
         if _is_url(source):
             log.info("loading %s weights from %s", arch, source)
             state = _download_state_dict(source, check_hash=official if check_hash is None else check_hash)
-            load_into(model, state, f"weights from {source}", target_desc=arch)
+            load_into(model, _converted(spec, state), f"weights from {source}", target_desc=arch)
         else:
             log.info("loading %s weights from file %s", arch, source)
             state = load_state_dict_file(source)
-            load_into(model, state, f"weights file {source}", target_desc=arch)
+            load_into(model, _converted(spec, state), f"weights file {source}", target_desc=arch)
     else:
         log.info("built %s with random init (seed %d)", arch, RANDOM_INIT_SEED)
 
