@@ -8,7 +8,7 @@ DATA   ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install quantize test test-all clean calib-set
+.PHONY: install quantize test test-all clean calib-set zoo-table release
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,12 @@ SEED ?= 0
 GROUND_TRUTH ?= ../shared/data/imagenet/val_synsets.txt
 calib-set: install
 	$(PY) -m data_prep calib-set --ground-truth $(GROUND_TRUTH) --n $(N) --seed $(SEED)
+
+## zoo-table: params and compute of every zoo entry next to the published table (exit 1 when a row is off)
+zoo-table: install
+	$(PY) -m quantize.zoo
+
+## release [MODELS=a,b] DATA=<imagenet val> [ARGS='key=value ...']: release/<model>/ and release/SUMMARY.md
+MODELS ?=
+release: install
+	$(PY) -m quantize.release $(if $(MODELS),--models $(MODELS)) $(if $(DATA),data.root=$(DATA)) $(ARGS)

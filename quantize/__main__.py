@@ -14,7 +14,6 @@ from .config import register_configs
 from .errors import QuantizeError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-log = logging.getLogger("quantize")
 
 
 def available_models() -> list[str]:
@@ -39,16 +38,28 @@ def check_model_choice(argv: list[str]) -> str | None:
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run(cfg: DictConfig) -> None:
     from .pipeline import Pipeline  # heavy imports after Hydra has parsed the command line
 
     try:
         Pipeline(cfg, Path(HydraConfig.get().runtime.output_dir)).run()
     except QuantizeError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(exc))
+    except OSError as exc:  # disk full, read-only or missing output folder: the environment, not a bug
+        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; finished stages are kept, rerun the same command to resume", code=130)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """End the run with one line on stderr (and the same line in the run's log file)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.makeLogRecord({"msg": f"error: {message}", "levelno": logging.ERROR,
+                                                "levelname": "ERROR", "name": "quantize"}))
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main() -> None:

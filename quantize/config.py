@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
 
 STAGES = ["export", "calibrate", "quantize", "evaluate", "report"]
 
@@ -30,6 +32,7 @@ class ModelConfig:
     pretrained: bool = True        # false: random init (reproducible)
     weights_url: Optional[str] = None
     checkpoint: Optional[str] = None  # local weights file; wins over weights_url
+    path: Optional[str] = None     # arch=onnx: the user's ONNX classifier (export is skipped)
     num_classes: int = 1000
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
@@ -110,5 +113,7 @@ class Config:
 
 
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("stem"):
+        OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).stem if path else "")
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Exported:
     path: Path
     opset: int
-    max_abs_diff: float
+    max_abs_diff: float | None  # None for an imported ONNX model (no PyTorch side)
     seconds: float
 
 
@@ -59,3 +59,40 @@ def export_onnx(model: torch.nn.Module, out_path: Path, check_batch: np.ndarray,
     log.info("exported %s at opset %d in %.1f s; ORT vs PyTorch max abs diff %.2e on %d images",
              out_path.name, opset, seconds, max_abs_diff, len(check_batch))
     return Exported(out_path, opset, max_abs_diff, seconds)
+
+
+def import_onnx(source: Path, out_path: Path, check_batch: np.ndarray, num_classes: int = 1000,
+                threads: int = 0) -> Exported:
+    """Take a user's ONNX classifier instead of exporting one: validate it, give it a dynamic batch axis, and
+    check that it maps the real images of ``check_batch`` to ``num_classes`` logits."""
+    started = time.perf_counter()
+    if not source.is_file():
+        raise ModelError(f"model.path={source} does not exist")
+    try:
+        model = onnx.load(str(source))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ... for files it cannot use
+        raise ModelError(f"{source} is not a valid ONNX model: {str(exc).splitlines()[0]}") from exc
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4 \
+            or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ModelError(f"{source} must take exactly one float NCHW image input; it takes "
+                         f"{', '.join(i.name for i in inputs) or 'none'}")
+    for value in (inputs[0], model.graph.output[0]):
+        batch = value.type.tensor_type.shape.dim[0]
+        batch.Clear()
+        batch.dim_param = "batch"
+    with atomic_path(out_path) as tmp:
+        onnx.save(model, str(tmp))
+        session = make_session(tmp, threads=threads)
+        try:
+            logits = session.run(None, {input_name(session): check_batch})[0]
+        except Exception as exc:  # ORT's own failure types
+            raise ModelError(f"{source} does not run on a batch of {len(check_batch)} images "
+                             f"(it may hard-code batch size 1): {str(exc).splitlines()[0]}") from exc
+        if logits.shape != (len(check_batch), num_classes):
+            raise ModelError(f"{source} returns shape {list(logits.shape)} for {len(check_batch)} images; "
+                             f"expected [{len(check_batch)}, {num_classes}] class logits")
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    log.info("imported %s (opset %d) without export", source, opset)
+    return Exported(out_path, opset, None, time.perf_counter() - started)

@@ -7,24 +7,29 @@ is an interrupted run and is redone. Only this module and ``__main__`` know abou
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import platform
+import re
 import shutil
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from .artifacts import file_sha256, key_of, read_json, write_json
 from .calibrate import calibrate, save_ranges
+from .complexity import count_ops, count_parameters
 from .config import STAGES
 from .crop_cache import open_cache
 from .data import Sample, balanced_subset, iter_batches, list_samples
 from .errors import ConfigError
 from .evaluate import evaluate
-from .export import export_onnx
+from .export import Exported, export_onnx, import_onnx
 from .image_list import match_image_list, read_image_list
 from .preprocess import Preprocess
 from .report import write_report
@@ -56,6 +61,39 @@ def _project_path(path: str) -> Path:
     return PROJECT_ROOT / given
 
 
+@contextmanager
+def stage_lock(path: Path, stage: str) -> Iterator[None]:
+    """One run at a time per stage and inputs: a second run on the same work_dir waits, then reuses the result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another run is computing the same stage; waiting for it (%s)", stage, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _require_complete(cfg: DictConfig) -> None:
+    """A value left as ??? (e.g. model.name for +model=torchvision) is one line, not a resolver traceback."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
+        named = re.search(r"Missing mandatory value: ([\w.]+)", str(exc))
+        key = named.group(1) if named else exc.full_key
+        if "." not in key and "." in (exc.full_key or ""):  # a relative interpolation names its sibling only
+            key = f"{exc.full_key.rsplit('.', 1)[0]}.{key}"
+        raise ConfigError(f"set {key}=... (required by this config)") from None
+
+
+def _exported_record(exported: Exported) -> dict[str, Any]:
+    return {"path": str(exported.path), "opset": exported.opset, "max_abs_diff": exported.max_abs_diff,
+            "seconds": exported.seconds, "sha256": file_sha256(exported.path)}
+
+
 def _samples_digest(samples: list[Sample], root: Path) -> str:
     return key_of([[str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path), s.label]
                    for s in samples])
@@ -63,6 +101,7 @@ def _samples_digest(samples: list[Sample], root: Path) -> str:
 
 class Pipeline:
     def __init__(self, cfg: DictConfig, run_dir: Path):
+        _require_complete(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         unknown = [s for s in cfg.stages if s not in STAGES]
@@ -124,32 +163,37 @@ class Pipeline:
     def _stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         key = key_of(inputs)
         stage_dir = self.model_dir / f"{stage}-{key}"
-        record_path = stage_dir / "record.json"
-        if record_path.exists() and stage not in self.force:
-            record = read_json(record_path)
-            log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
-            record["cached"] = True
-        elif stage not in self.stages:
-            raise ConfigError(f"stage '{stage}' is not in stages= and nothing is cached for these inputs; "
-                              f"add it: stages=[{','.join(s for s in STAGES if s in self.stages or s == stage)}]")
-        else:
-            log.info("%s: running -> %s", stage, stage_dir)
-            started = time.perf_counter()
-            if stage_dir.exists():
-                shutil.rmtree(stage_dir)
-            stage_dir.mkdir(parents=True)
-            record = work(stage_dir)
-            record.update(key=key, inputs=inputs, stage_seconds=time.perf_counter() - started)
-            write_json(record_path, record)
-            log.info("%s: done in %.1f s", stage, record["stage_seconds"])
-            record["cached"] = False
+        with stage_lock(self.model_dir / f".{stage}-{key}.lock", stage):
+            record = self._run_or_reuse(stage, stage_dir, key, inputs, work)
         record["dir"] = str(stage_dir)
         self.records[stage] = record
         return record
 
+    def _run_or_reuse(self, stage: str, stage_dir: Path, key: str, inputs: dict[str, Any],
+                      work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        record_path = stage_dir / "record.json"
+        if record_path.exists() and stage not in self.force:
+            log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
+            return {**read_json(record_path), "cached": True}
+        if stage not in self.stages:
+            raise ConfigError(f"stage '{stage}' is not in stages= and nothing is cached for these inputs; "
+                              f"add it: stages=[{','.join(s for s in STAGES if s in self.stages or s == stage)}]")
+        log.info("%s: running -> %s", stage, stage_dir)
+        started = time.perf_counter()
+        if stage_dir.exists():  # an interrupted or forced earlier run: start clean
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True)
+        record = work(stage_dir)
+        record.update(key=key, inputs=inputs, stage_seconds=time.perf_counter() - started)
+        write_json(record_path, record)  # last: its presence marks the stage complete
+        log.info("%s: done in %.1f s", stage, record["stage_seconds"])
+        return {**record, "cached": False}
+
     # --- stages -----------------------------------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
         m = self.cfg.model
+        if m.arch == "onnx":
+            return self._import_onnx()
         checkpoint = Path(m.checkpoint).expanduser() if m.checkpoint else None
         if checkpoint is not None and not checkpoint.is_file():
             raise ConfigError(f"model.checkpoint={m.checkpoint} does not exist")
@@ -164,14 +208,33 @@ class Pipeline:
 
             model = build_model(m.arch, pretrained=m.pretrained, weights_url=m.weights_url,
                                 checkpoint=str(checkpoint) if checkpoint else None, num_classes=m.num_classes)
-            samples, root = self._samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
-            check_batch, _ = next(iter(self._batches(samples, root, len(samples), desc=None)))
-            exported = export_onnx(model, stage_dir / "model.onnx", check_batch, opset=self.cfg.export.opset,
-                                   tolerance=self.cfg.export.tolerance, threads=self.cfg.threads)
-            return {"path": str(exported.path), "opset": exported.opset, "max_abs_diff": exported.max_abs_diff,
-                    "seconds": exported.seconds, "sha256": file_sha256(exported.path)}
+            exported = export_onnx(model, stage_dir / "model.onnx", self._check_batch(),
+                                   opset=self.cfg.export.opset, tolerance=self.cfg.export.tolerance,
+                                   threads=self.cfg.threads)
+            kind = m.reference.flops_kind
+            return {**_exported_record(exported), "params_m": count_parameters(model) / 1e6,
+                    "ops_m": count_ops(model, kind) / 1e6, "ops_kind": kind}
 
         return self._stage("export", inputs, work)
+
+    def _import_onnx(self) -> dict[str, Any]:
+        source = Path(self.cfg.model.path).expanduser()
+        if not source.is_file():
+            raise ConfigError(f"model.path={self.cfg.model.path} does not exist")
+        inputs = {"onnx_sha256": file_sha256(source), "num_classes": self.cfg.model.num_classes,
+                  "check_images": self.cfg.export.check_images}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            imported = import_onnx(source, stage_dir / "model.onnx", self._check_batch(),
+                                   num_classes=self.cfg.model.num_classes, threads=self.cfg.threads)
+            return {**_exported_record(imported), "source": str(source)}
+
+        return self._stage("export", inputs, work)
+
+    def _check_batch(self):
+        """A few real images (from the calibration folder) to compare the ONNX model against its source."""
+        samples, root = self._samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
+        return next(iter(self._batches(samples, root, len(samples), desc=None)))[0]
 
     def calibrate(self) -> dict[str, Any]:
         exported = self.records.get("export") or self.export()

@@ -15,7 +15,11 @@ log = logging.getLogger(__name__)
 
 def build_report(cfg: DictConfig, records: dict[str, dict[str, Any]], versions: dict[str, str]) -> dict[str, Any]:
     export, calib, quant, ev = (records[s] for s in ("export", "calibrate", "quantize", "evaluate"))
-    ref = cfg.model.reference
+    ref = dict(OmegaConf.to_container(cfg.model.reference))
+    if ref["top1"] is None and cfg.model.arch.startswith("torchvision/"):
+        from .models.torchvision_models import published_reference
+
+        ref.update(published_reference(cfg.model.arch.split("/", 1)[1]) or {}, source="torchvision weights metadata")
     return {
         "model": cfg.model.name,
         "source": cfg.model.source,
@@ -29,8 +33,11 @@ def build_report(cfg: DictConfig, records: dict[str, dict[str, Any]], versions: 
         "agreement_top1": ev["agreement_top1"],
         "eval": {"num_images": ev["num_images"], "root": ev["root"], "seconds": ev["seconds"],
                  "images_per_second": ev["images_per_second"]},
-        "reference": {"top1": ref.top1, "top5": ref.top5, "source": ref.source},
+        "reference": {"top1": ref["top1"], "top5": ref["top5"], "source": ref["source"]},
         "export": {"max_abs_diff": export["max_abs_diff"], "seconds": export["seconds"]},
+        "complexity": {"params_m": export.get("params_m"), "ops_m": export.get("ops_m"),
+                       "ops_kind": export.get("ops_kind"), "reference_params_m": ref.get("params_m"),
+                       "reference_ops_m": ref.get("flops_m")},
         "quant": {"format": cfg.quant.format, "activation_type": cfg.quant.activation_type,
                   "weight_type": cfg.quant.weight_type, "per_channel": cfg.quant.per_channel,
                   "seconds": quant["seconds"]},
@@ -66,8 +73,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- top-1 drop: {_fmt(report['drop_top1'])} points; int8 agrees with fp32 on "
         f"{_fmt(report['agreement_top1'])}% of images",
-        f"- export: opset {report['onnx']['fp32_opset']}, ORT vs PyTorch max abs logit diff "
-        f"{report['export']['max_abs_diff']:.2e}",
+        f"- fp32 model: opset {report['onnx']['fp32_opset']}, "
+        + ("imported ONNX (no export)" if report["export"]["max_abs_diff"] is None else
+           f"ORT vs PyTorch max abs logit diff {report['export']['max_abs_diff']:.2e}"),
         f"- int8 model: {report['quant']['format'].upper()}, {report['quant']['activation_type']} activations, "
         f"{report['quant']['weight_type']} {'per-channel' if report['quant']['per_channel'] else 'per-tensor'} "
         f"weights, opset {report['onnx']['int8_opset']}: `{report['onnx']['int8_path']}`",

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from quantize.config import register_configs
 from quantize.crop_cache import build_cache
 from quantize.data import list_samples
-from quantize.errors import ConfigError, DataError
+from quantize.errors import ConfigError, DataError, ModelError
 from quantize.pipeline import Pipeline
 from quantize.preprocess import Preprocess
 
@@ -184,3 +185,45 @@ def test_canary_real_weights_on_real_photos(tmp_path):
     assert report["fp32"]["top1"] >= 65.0
     assert report["fp32"]["top1"] - report["int8"]["top1"] <= 3.0
     assert report["agreement_top1"] >= 85.0
+
+
+def test_bring_your_own_onnx_classifier_skips_export(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    first = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a")), tmp_path / "r1").run()
+    user_model = tmp_path / "my classifier.onnx"
+    shutil.copy(first["onnx"]["fp32_path"], user_model)
+    cfg = compose_config(["+model=onnx", f"model.path={user_model}", f"data.root={data}",
+                          f"work_dir={tmp_path / 'b'}", "calib.num_images=4", "export.check_images=2"])
+    assert cfg.model.name == "onnx_my classifier"
+    report = Pipeline(cfg, tmp_path / "r2").run()
+    assert report["export"]["max_abs_diff"] is None
+    assert report["fp32"] == first["fp32"]
+    assert report["onnx"]["int8_opset"] == 13
+
+
+def test_onnx_entry_rejects_a_model_that_is_not_a_classifier(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    data = write_tiny_imagenet(tmp_path / "val")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 224, 224])])
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    cfg = compose_config(["+model=onnx", f"model.path={path}", f"data.root={data}", f"work_dir={tmp_path / 'a'}",
+                          "export.check_images=2"])
+    with pytest.raises(ModelError, match=r"returns shape \[2, 3, 224, 224\].*expected \[2, 1000\]"):
+        Pipeline(cfg, tmp_path / "r").run()
+
+
+def test_any_torchvision_classifier_by_name(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    cfg = compose_config(["+model=torchvision", "model.name=mobilenet_v3_small", "model.pretrained=false",
+                          f"data.root={data}", f"work_dir={tmp_path / 'a'}", "calib.num_images=4",
+                          "export.check_images=2"])
+    report = Pipeline(cfg, tmp_path / "r").run()
+    assert report["model"] == "mobilenet_v3_small"
+    assert report["reference"]["top1"] == pytest.approx(67.668)
+    with pytest.raises(ConfigError, match=r"set model.name=\.\.\."):
+        Pipeline(compose_config(["+model=torchvision", f"data.root={data}"]), tmp_path / "r2")

@@ -8,6 +8,7 @@ source (an explicit ``weights_url`` or the builder's default source), or nowhere
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import urllib.error
 import urllib.parse
@@ -19,6 +20,7 @@ from torch import nn
 
 from quantize.errors import ModelError, one_line
 from quantize.models.checkpoint import _unpickler_detail, extract_state_dict, load_into, load_state_dict_file
+from quantize.models.pdparams import is_pdparams, load_pdparams_tensors
 
 __all__ = ["ArchSpec", "available_archs", "build_model", "get_arch", "register"]
 
@@ -47,6 +49,7 @@ class ArchSpec:
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
+TORCHVISION_PREFIX = "torchvision/"  # "torchvision/<name>": any torchvision classification model, built by name
 
 
 def register(arch: str, *, default_weights: Callable[[], str] | None = None,
@@ -70,6 +73,10 @@ def available_archs() -> list[str]:
 
 def get_arch(arch: str) -> ArchSpec:
     """The registry entry for ``arch``; unknown names raise a one-line :class:`ModelError`."""
+    if isinstance(arch, str) and arch.startswith(TORCHVISION_PREFIX):
+        from quantize.models.torchvision_models import any_torchvision_classifier
+
+        return any_torchvision_classifier(arch[len(TORCHVISION_PREFIX):])
     try:
         return _REGISTRY[arch]
     except (KeyError, TypeError):
@@ -83,8 +90,11 @@ def _is_url(source: str) -> bool:
 def _download_state_dict(url: str, *, check_hash: bool) -> dict[str, torch.Tensor]:
     """Fetch a state dict through torch.hub's cache (``<torch hub dir>/checkpoints``), safely unpickled."""
     try:
-        # Looked up at call time so tests (and callers) can substitute the downloader.
-        obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=check_hash)
+        if is_pdparams(url):  # a PaddlePaddle pickle: fetched into the same cache, read by the numpy-only loader
+            pdparams_file = _download_to_hub_cache(url, check_hash=check_hash)
+        else:
+            # Looked up at call time so tests (and callers) can substitute the downloader.
+            obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=check_hash)
     except urllib.error.URLError as exc:
         reason = exc.reason if getattr(exc, "reason", None) is not None else exc
         if isinstance(exc, urllib.error.HTTPError):
@@ -104,7 +114,21 @@ def _download_state_dict(url: str, *, check_hash: bool) -> dict[str, torch.Tenso
             f"cannot download weights from URL: {type(exc).__name__}: {one_line(exc)} ({url}); "
             "pass model.checkpoint=PATH or model.pretrained=false"
         ) from None
+    if is_pdparams(url):
+        return load_pdparams_tensors(pdparams_file, f"weights downloaded from {url}")
     return extract_state_dict(obj, f"weights from {url}")
+
+
+def _download_to_hub_cache(url: str, *, check_hash: bool) -> str:
+    """Path of ``url``'s file in ``<torch hub dir>/checkpoints``, downloaded unless already there (as torch.hub does,
+    including the ``name-<sha256 prefix>.ext`` check when ``check_hash``)."""
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if not os.path.exists(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(filename) if check_hash else None
+        torch.hub.download_url_to_file(url, cached, match.group(1) if match else None, progress=False)
+    return cached
 
 
 def _converted(spec: ArchSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -174,3 +198,6 @@ def build_model(
 # Importing the builder modules fills the registry (they import ``register`` from this, already defined, module).
 from quantize.models import efficientnet_lite as efficientnet_lite  # noqa: E402
 from quantize.models import torchvision_models as torchvision_models  # noqa: E402
+from quantize.models import mmcls_shufflenet as mmcls_shufflenet  # noqa: E402
+from quantize.models import megvii_shufflenet as megvii_shufflenet  # noqa: E402
+from quantize.models import ppcls_shufflenet as ppcls_shufflenet  # noqa: E402

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from quantize.errors import ModelError, one_line
+from quantize.models.pdparams import is_pdparams, load_pdparams_tensors
 
 __all__ = ["extract_state_dict", "load_into", "load_state_dict_file"]
 
@@ -66,6 +67,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{desc} does not exist")
     if not p.is_file():
         raise ModelError(f"{desc} is not a file")
+    if is_pdparams(p):  # PaddlePaddle weights: a numpy pickle, read by a loader that admits numpy arrays only
+        return load_pdparams_tensors(p, desc)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -7,6 +7,7 @@ from typing import Any
 import torchvision
 from torch import nn
 
+from quantize.errors import ModelError
 from quantize.models import register
 
 __all__ = ["TORCHVISION_WEIGHTS"]
@@ -51,3 +52,28 @@ def _make_builder(arch: str):
 
 for _arch in _SHUFFLENETS:
     register(_arch, default_weights=lambda _a=_arch: TORCHVISION_WEIGHTS[_a]["url"])(_make_builder(_arch))
+
+
+def any_torchvision_classifier(name: str):
+    """A registry entry for any torchvision ImageNet classification model, by its builder name."""
+    from quantize.models import ArchSpec
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise ModelError(f"torchvision has no classification model {name!r} (e.g. {', '.join(known[:6])}, ...; "
+                         "see torchvision.models.list_models())")
+
+    def builder(num_classes: int = 1000) -> nn.Module:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+    return ArchSpec(f"torchvision/{name}", builder,
+                    default_weights=lambda: torchvision.models.get_model_weights(name).DEFAULT.url)
+
+
+def published_reference(name: str) -> dict[str, float] | None:
+    """torchvision's own ImageNet top-1/top-5 for its default weights of ``name``, or None."""
+    try:
+        metrics = torchvision.models.get_model_weights(name).DEFAULT.meta["_metrics"]["ImageNet-1K"]
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return {"top1": float(metrics["acc@1"]), "top5": float(metrics["acc@5"])}

@@ -1,0 +1,56 @@
+"""Parameter and compute counts of a PyTorch model, in the two conventions the published tables use.
+
+- ``macs``: multiply-accumulates of convolutions and fully connected layers only (the papers' "FLOPs", e.g.
+  ShuffleNetV2's 146M for x1.0, and Megvii's table).
+- ``flops``: what mmcv-style counters report (mmcls, PaddleClas, the torchvision column of our table): ``macs``
+  plus one operation per output element for each bias add, two per BatchNorm output element (scale and shift),
+  one per activation output element and one per pooling input element.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KINDS = ("macs", "flops")
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.PReLU, nn.LeakyReLU,
+                nn.GELU)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_ops(model: nn.Module, kind: str = "macs", input_size: int = 224) -> int:
+    """Operations for one image of ``input_size`` x ``input_size``, counted as ``kind`` says."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * per_output
+            if kind == "flops" and module.bias is not None:
+                total += output.numel()
+        elif isinstance(module, nn.Linear):
+            total += output.numel() // output.shape[-1] * module.in_features * module.out_features
+            if kind == "flops" and module.bias is not None:
+                total += output.numel()
+        elif kind == "flops" and isinstance(module, nn.BatchNorm2d):
+            total += 2 * output.numel()
+        elif kind == "flops" and isinstance(module, _ACTIVATIONS):
+            total += output.numel()
+        elif kind == "flops" and isinstance(module, _POOLS):
+            total += inputs[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
