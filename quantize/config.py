@@ -19,7 +19,8 @@ class ReferenceConfig:
     top1: Optional[float] = None
     top5: Optional[float] = None
     source: str = ""
-    params_m: Optional[float] = None   # published parameter count, millions
+    params_m: Optional[float] = None   # published parameter count, millions, counted as params_kind says
+    params_kind: str = "trainable"     # trainable | paddle (also counts BatchNorm running statistics)
     flops_m: Optional[float] = None    # published compute, millions, counted as flops_kind says
     flops_kind: str = "macs"           # macs (multiply-accumulates) | flops: which convention the source uses
 

@@ -212,7 +212,7 @@ class Pipeline:
                                    opset=self.cfg.export.opset, tolerance=self.cfg.export.tolerance,
                                    threads=self.cfg.threads)
             kind = m.reference.flops_kind
-            return {**_exported_record(exported), "params_m": count_parameters(model) / 1e6,
+            return {**_exported_record(exported), "params_m": count_parameters(model, m.reference.params_kind) / 1e6,
                     "ops_m": count_ops(model, kind) / 1e6, "ops_kind": kind}
 
         return self._stage("export", inputs, work)

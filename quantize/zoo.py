@@ -65,7 +65,7 @@ def measure(entry: ModelConfig) -> Row:
 
     model = build_model(entry.arch, pretrained=False, num_classes=entry.num_classes)
     ref = entry.reference
-    return Row(entry.name, entry.source, count_parameters(model) / 1e6, ref.params_m,
+    return Row(entry.name, entry.source, count_parameters(model, ref.params_kind) / 1e6, ref.params_m,
                count_ops(model, ref.flops_kind) / 1e6, ref.flops_m, ref.flops_kind)
 
 

@@ -1,4 +1,4 @@
-"""PaddleClas ShuffleNetV2 zoo entries: architecture, .pdparams loading (Paddle's key layout, safely unpickled) and ONNX.
+"""PaddleClas ShuffleNetV2 zoo entries: architecture, .pdparams loading (Paddle's key layout, safe unpickling), ONNX.
 
 The real ``*_pretrained.pdparams`` cannot be downloaded here, so files in PaddleClas's exact layout are written by
 this test: the layer list below is derived from PaddleClas v2.4.0's ``shufflenet_v2.py`` independently of
@@ -183,7 +183,8 @@ def paddle_forward(arrays, act, x):
             if i == 1:
                 left = conv_bn(conv_bn(y, u + "._conv_dw_1", 2, True, False), u + "._conv_linear_1", 1, False, True)
                 right = conv_bn(y, u + "._conv_pw_2", 1, False, True)
-                right = conv_bn(conv_bn(right, u + "._conv_dw_2", 2, True, False), u + "._conv_linear_2", 1, False, True)
+                right = conv_bn(right, u + "._conv_dw_2", 2, True, False)
+                right = conv_bn(right, u + "._conv_linear_2", 1, False, True)
             else:
                 left, right = torch.split(y, y.shape[1] // 2, dim=1)
                 right = conv_bn(right, u + "._conv_pw", 1, False, True)
@@ -221,17 +222,38 @@ def test_entries_are_registered_with_paddleclas_urls():
         url = URL.format(paddle_names[name.rsplit("_v2_", 1)[1]])
         assert entry.name == entry.arch == name and entry.source == "ppcls" and entry.pretrained
         assert entry.weights_url == url == PPCLS_SHUFFLENETS[name][3] == get_arch(name).default_weights()
-        assert entry.reference.flops_kind == "flops" and 40 < entry.reference.top1 < entry.reference.top5 < 100
+        assert entry.reference.flops_kind == "paddle_flops" and 40 < entry.reference.top1 < entry.reference.top5 < 100
     assert get_arch("ppcls_shufflenet_v2_x2_0_w244").default_weights is None  # no published 244-wide weights
     assert _entry("ppcls_shufflenet_v2_swish").reference.top1 == pytest.approx(70.03)
+
+
+def _paddle_flops_hooks(model: torch.nn.Module, counter: list) -> list:
+    """Count as paddle.flops() (Paddle 2.2 hapi/dynamic_flops.py) does: conv/fc MACs, 2 per BatchNorm input
+    element, (H*W + 1) per adaptive-average-pool output element; activations and max pooling count nothing."""
+    def hook(m, inputs, out):
+        if isinstance(m, torch.nn.Conv2d):
+            counter[0] += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            counter[0] += 2 * inputs[0].numel()
+        elif isinstance(m, torch.nn.Linear):
+            counter[0] += m.in_features * out.numel()
+        elif isinstance(m, torch.nn.AdaptiveAvgPool2d):
+            counter[0] += (inputs[0].shape[2] * inputs[0].shape[3] + 1) * out.numel()
+    return [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
 
 
 @pytest.mark.parametrize("name", ENTRIES)
 def test_random_init_output_and_params_match_table(name):
     model = build_model(name, pretrained=False)
+    ops = [0]
+    handles = _paddle_flops_hooks(model, ops)
     with torch.inference_mode():
         out = model(_x(1, size=224))
+    for handle in handles:
+        handle.remove()
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    # PaddleClas's FLOPs column is paddle.flops(): reproduced to 0.1% (x2.0 only with the published weights' 224).
+    assert ops[0] / 1e6 == pytest.approx(_entry(name).reference.flops_m, rel=1e-3)
     # PaddleClas's Params column (paddle.flops) counts BN running mean/variance too: Paddle stores them as parameters.
     params = sum(p.numel() for p in model.parameters())
     bn_stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
