@@ -211,9 +211,9 @@ class Pipeline:
             exported = export_onnx(model, stage_dir / "model.onnx", self._check_batch(),
                                    opset=self.cfg.export.opset, tolerance=self.cfg.export.tolerance,
                                    threads=self.cfg.threads)
-            kind = m.reference.flops_kind
-            return {**_exported_record(exported), "params_m": count_parameters(model, m.reference.params_kind) / 1e6,
-                    "ops_m": count_ops(model, kind) / 1e6, "ops_kind": kind}
+            ref = m.reference
+            return {**_exported_record(exported), "params_m": count_parameters(model, ref.params_kind) / 1e6,
+                    "ops_m": count_ops(model, ref.flops_kind) / 1e6, "ops_kind": ref.flops_kind}
 
         return self._stage("export", inputs, work)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize.errors import ModelError, one_line
+from quantize.errors import ModelError, examples, one_line
 from quantize.models.pdparams import is_pdparams, load_pdparams_tensors
 
 __all__ = ["extract_state_dict", "load_into", "load_state_dict_file"]
@@ -89,13 +89,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return extract_state_dict(obj, desc)
 
 
-def _list(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (", ..." if len(keys) > _MAX_LISTED else "")
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def describe_key_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """``3 missing keys (a, b, c), 1 unexpected key (d)``: the first few of each, for a one-line error."""
+    parts = []
+    if missing:
+        parts.append(f"{_plural(len(missing), 'missing key')} ({examples(missing, _MAX_LISTED)})")
+    if unexpected:
+        parts.append(f"{_plural(len(unexpected), 'unexpected key')} ({examples(unexpected, _MAX_LISTED)})")
+    return ", ".join(parts)
 
 
 def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
@@ -149,14 +154,8 @@ def load_into(
     tolerated = [] if unexpected else [k for k in missing if _harmless_missing(model, k)]
     missing = [k for k in missing if k not in tolerated]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{_plural(len(missing), 'missing key')} ({_list(missing)})")
-        if unexpected:
-            parts.append(f"{_plural(len(unexpected), 'unexpected key')} ({_list(unexpected)})")
-        raise ModelError(
-            f"{source_desc} does not match {target}: {', '.join(parts)}{_prefix_hint(missing, unexpected)}"
-        )
+        raise ModelError(f"{source_desc} does not match {target}: {describe_key_mismatch(missing, unexpected)}"
+                         f"{_prefix_hint(missing, unexpected)}")
 
     bad_shapes = [
         f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"

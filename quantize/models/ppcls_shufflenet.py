@@ -39,8 +39,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantize.errors import ModelError, examples
+from quantize.errors import ModelError
 from quantize.models import register
+from quantize.models.checkpoint import describe_key_mismatch
 
 __all__ = [
     "PPCLS_SHUFFLENETS",
@@ -259,10 +260,6 @@ def paddle_key_map(naming: str = "structured") -> dict[str, str]:
 _KEY_MAPS = {naming: paddle_key_map(naming) for naming in _FC_KEYS}
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def convert_ppcls_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PaddleClas ShuffleNetV2 weights (structured or parameter names) -> our keys; our own layout passes unchanged.
 
@@ -278,13 +275,8 @@ def convert_ppcls_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.
     missing = [k for k in mapping if k not in state]
     unexpected = [k for k in state if k not in mapping]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{_count(len(missing), 'missing key')} ({examples(missing)})")
-        if unexpected:
-            parts.append(f"{_count(len(unexpected), 'unexpected key')} ({examples(unexpected)})")
         raise ModelError(f"PaddleClas ShuffleNetV2 weights ({naming} names) do not have PaddleClas's keys: "
-                         + ", ".join(parts))
+                         + describe_key_mismatch(missing, unexpected))
     converted = {}
     for key, value in state.items():
         ours = mapping[key]
