@@ -8,7 +8,7 @@ DATA   ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install quantize test test-all clean calib-set zoo-table release
+.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,25 @@ zoo-table: install
 MODELS ?=
 release: install
 	$(PY) -m quantize.release $(if $(MODELS),--models $(MODELS)) $(if $(DATA),data.root=$(DATA)) $(ARGS)
+
+## bench [MODEL=<zoo entry>] [DATA=<imagenet val>] [BATCH=32] [ITERATIONS=50] [THREADS=0]: fp32 vs int8 latency at
+## batch 1 (p50/p90/p99) and throughput at BATCH, models interleaved; JSON in benchmarks/results/<model>/bench.json.
+## With DATA the pipeline runs first (cached stages are reused); without, the newest run in outputs/<model>/ is used.
+BATCH      ?= 32
+ITERATIONS ?= 50
+THREADS    ?= 0
+BENCH_DIR  ?= benchmarks/results
+bench: install
+	$(if $(DATA),$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS) &&) \
+	$(PY) -m quantize.bench --model $(MODEL) --batch $(BATCH) --iterations $(ITERATIONS) --threads $(THREADS) \
+		--out $(BENCH_DIR)/$(MODEL)/bench.json
+
+## bench-calib MODEL=<zoo entry> DATA=<image folder> [SIZES=250,500,1000] [RSS_CAP_GB=12]: peak RSS and time of this
+## project's calibration (minmax, percentile) against ONNX Runtime's stock quantize_static (percentile), each run in
+## a child process killed above the RSS cap; JSON in benchmarks/results/<model>/bench_calib.json. Exports first.
+SIZES      ?= 250,500,1000
+RSS_CAP_GB ?= 12
+bench-calib: install
+	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) stages=[export] $(ARGS)
+	$(PY) -m quantize.bench_calib --model $(MODEL) --root $(DATA) --sizes $(SIZES) --rss-cap-gb $(RSS_CAP_GB) \
+		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_calib.json

@@ -88,6 +88,17 @@ class QuantConfig:
     opset: Optional[int] = None    # int8 model opset; default: the fp32 opset, raised to 13 for per-channel QDQ
     op_types: Optional[List[str]] = None  # default: every op type ONNX Runtime can quantize
     nodes_to_exclude: List[str] = field(default_factory=list)
+    # Post-training methods beyond ONNX Runtime's quantizer, each off by default (the default int8 model is unchanged).
+    # Measured effects: README and quantize/{equalize,weight_rounding,bias_correction}.py.
+    equalize: bool = False         # rescale channels between convolutions (exact through ReLU/ReLU6) before calibration
+    weight_rounding: str = "nearest"  # nearest | gptq: int8 weights minimizing each layer's output error
+    bias_correction: bool = False  # int32 biases moved so each Conv/Gemm's mean output per channel matches fp32
+    refine_images: Optional[int] = None  # calibration images used by gptq/bias correction (default: all of them)
+    # Accuracy budget: keep the nodes that hurt most in fp32 until int8 loses at most max_drop top-1 points on a
+    # tuning subset of the calibration images (left out of the final evaluation). null: no budget.
+    max_drop: Optional[float] = None
+    max_trials: int = 8            # quantize + evaluate trials the budget may spend
+    tune_images: int = 100         # size of the tuning subset (class-balanced, from the calibration images)
 
 
 @dataclass
@@ -100,6 +111,16 @@ class EvalConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    sensitivity: bool = False      # per-node SQNR of int8 vs fp32, ranked, with a plot (on whenever quant.max_drop is)
+    sensitivity_images: int = 32   # calibration images it runs on
+    sensitivity_top: int = 15      # rows in report.md (report.json has every tensor)
+    speed: bool = False            # int8 / fp32 latency ratio, a cached stage (on whenever quant.max_drop is)
+    speed_batch_size: int = 1
+    speed_runs: int = 100          # timed rounds, fp32 and int8 interleaved; speedup = fastest fp32 / fastest int8
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,6 +128,7 @@ class Config:
     calib: CalibConfig = field(default_factory=CalibConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     work_dir: str = "artifacts"    # stage artifacts, reused across runs: <work_dir>/<model.name>/<stage>-<key>/
     threads: int = 0               # ONNX Runtime intra-op threads (0: all cores)

@@ -90,7 +90,9 @@ class _Graph:
     """A mutable view of a GraphProto: nodes in order, initializers as numpy arrays."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # passes edit nodes in place: never the caller's
+        self.model = model = copy
         graph = model.graph
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.inits: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}

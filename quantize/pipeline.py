@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from .accuracy_stages import AccuracyStages
 from .artifacts import file_sha256, key_of, read_json, write_json
 from .calibrate import calibrate, save_ranges
 from .complexity import count_ops, count_parameters
@@ -99,7 +100,7 @@ def _samples_digest(samples: list[Sample], root: Path) -> str:
                    for s in samples])
 
 
-class Pipeline:
+class Pipeline(AccuracyStages):
     def __init__(self, cfg: DictConfig, run_dir: Path):
         _require_complete(cfg)
         self.cfg = cfg
@@ -175,7 +176,7 @@ class Pipeline:
         if record_path.exists() and stage not in self.force:
             log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
             return {**read_json(record_path), "cached": True}
-        if stage not in self.stages:
+        if stage in STAGES and stage not in self.stages:  # accuracy stages (quantize.accuracy_stages) always may run
             raise ConfigError(f"stage '{stage}' is not in stages= and nothing is cached for these inputs; "
                               f"add it: stages=[{','.join(s for s in STAGES if s in self.stages or s == stage)}]")
         log.info("%s: running -> %s", stage, stage_dir)
@@ -237,7 +238,7 @@ class Pipeline:
         return next(iter(self._batches(samples, root, len(samples), desc=None)))[0]
 
     def calibrate(self) -> dict[str, Any]:
-        exported = self.records.get("export") or self.export()
+        exported = self.quant_source()  # the export, or its equalized copy (quant.equalize)
         c = self.cfg.calib
         samples, root, image_list = self._calibration_samples()
         inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
@@ -258,7 +259,7 @@ class Pipeline:
         return self._stage("calibrate", inputs, work)
 
     def quantize(self) -> dict[str, Any]:
-        exported = self.records.get("export") or self.export()
+        exported = self.quant_source()
         calibrated = self.records.get("calibrate") or self.calibrate()
         q = self.cfg.quant
         options = dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
@@ -277,9 +278,9 @@ class Pipeline:
 
     def evaluate(self) -> dict[str, Any]:
         exported = self.records.get("export") or self.export()
-        quantized = self.records.get("quantize") or self.quantize()
+        quantized = self.final_int8()  # after refine/budget when those are configured
         e = self.cfg.eval
-        samples, root = self._samples(e, e.limit, e.seed)
+        samples, root = self.eval_samples()  # without the budget's tuning images
         inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
                   "images": _samples_digest(samples, root), "limit": e.limit, "seed": e.seed,
                   "preprocess": self.preprocess.key()}
@@ -304,4 +305,5 @@ class Pipeline:
         for stage in STAGES[:-1]:
             if stage not in self.records:
                 getattr(self, stage)()
+        self.analyses()  # sensitivity and speed, when configured
         return write_report(self.run_dir, self.cfg, self.records, package_versions())

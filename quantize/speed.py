@@ -1,8 +1,10 @@
 """How much faster the int8 model runs than the fp32 one: a small ONNX Runtime timing helper.
 
-Models are timed in interleaved rounds (fp32, int8, fp32, int8, ...) on one fixed random batch, so a machine whose
-load changes during the measurement (other jobs on a shared 2-core box) slows both alike; the speedup is the median
-over rounds of ``fp32 time / int8 time`` in that round, which is far steadier than a ratio of separate averages.
+Models are timed in interleaved rounds (fp32, int8, fp32, int8, ...) on one fixed random batch. The speedup is the
+ratio of the *fastest* run of each model: on a shared machine other jobs only ever add time, so the fastest of many
+short runs is the closest to the model's own cost (on this 2-core box under load, the median ratio of structurally
+identical int8 models spread from 1.3x to 2.0x while the ratio of minima stayed within a few percent). The median
+ratio over rounds is kept beside it (``speedup_median``).
 Sessions are created the way the evaluate stage creates them (all graph optimizations, so the int8 model's QDQ
 pairs are fused into integer kernels).
 """
@@ -30,7 +32,8 @@ class Latency:
     runs: int
     ms: dict[str, float]         # median milliseconds per batch, per model
     ms_min: dict[str, float]     # fastest run per model
-    speedup: dict[str, float]    # per model: median over rounds of reference time / model time (>1: faster)
+    speedup: dict[str, float]    # per model: fastest reference run / fastest model run (>1: faster)
+    speedup_median: dict[str, float]  # per model: median over rounds of reference time / model time
     reference: str
     cpu: str
 
@@ -49,7 +52,7 @@ def cpu_name() -> str:
 
 
 def measure(models: dict[str, Path], reference: str = "fp32", batch_size: int = 1, threads: int = 0,
-            warmup: int = 3, runs: int = 20, seed: int = 0, image_size: int = 224) -> Latency:
+            warmup: int = 5, runs: int = 100, seed: int = 0, image_size: int = 224) -> Latency:
     """Median latency of each model and its speedup over ``reference`` (a key of ``models``)."""
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
@@ -72,8 +75,10 @@ def measure(models: dict[str, Path], reference: str = "fp32", batch_size: int = 
         batch_size=batch_size, threads=threads, runs=runs,
         ms={n: 1000 * statistics.median(t) for n, t in times.items()},
         ms_min={n: 1000 * min(t) for n, t in times.items()},
-        speedup={n: statistics.median(r / m for r, m in zip(ref, t)) for n, t in times.items()},
+        speedup={n: min(ref) / min(t) for n, t in times.items()},
+        speedup_median={n: statistics.median(r / m for r, m in zip(ref, t)) for n, t in times.items()},
         reference=reference, cpu=cpu_name())
     log.info("latency at batch %d: %s", batch_size,
-             ", ".join(f"{n} {result.ms[n]:.2f} ms ({result.speedup[n]:.2f}x {reference})" for n in models))
+             ", ".join(f"{n} {result.ms_min[n]:.2f} ms fastest, {result.ms[n]:.2f} ms median "
+                       f"({result.speedup[n]:.2f}x {reference})" for n in models))
     return result

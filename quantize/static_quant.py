@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 import time
@@ -13,9 +14,10 @@ import onnx
 from onnx import version_converter
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+from . import graph_opt
 from .artifacts import atomic_path
-from .calibrate import METHODS
-from .errors import ConfigError, ModelError
+from .calibrate import METHODS, activation_tensors
+from .errors import ConfigError, ModelError, examples
 from .runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,20 @@ def _quiet_root_logger():
 def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method: str, fmt: str = "qdq",
                    activation_type: str = "uint8", weight_type: str = "int8", per_channel: bool = True,
                    reduce_range: bool = False, opset: int | None = None, op_types: list[str] | None = None,
-                   nodes_to_exclude: list[str] | None = None) -> Quantized:
+                   nodes_to_exclude: list[str] | None = None, optimize_graph: bool = True,
+                   extra_options: dict | None = None) -> Quantized:
+    """Quantize ``fp32_path`` with the ranges of ``ranges_path`` (from ``calibrate`` with the same
+    ``optimize_graph``): the graph is first rewritten by ``graph_opt.optimize`` (fp32-exact), so that ONNX Runtime
+    fuses every quantized op into an integer kernel."""
     for option, value, allowed in (("quant.format", fmt, FORMATS), ("quant.activation_type", activation_type, TYPES),
                                    ("quant.weight_type", weight_type, TYPES), ("calib.method", method, METHODS)):
         if value not in allowed:
             raise ConfigError(f"{option}={value!r} is not one of {', '.join(allowed)}")
     started = time.perf_counter()
     model = onnx.load(str(fp32_path))
+    if optimize_graph:
+        model, _ = graph_opt.optimize(model)
+    _check_ranges_cover(model, ranges_path)
     source_opset = model_opset(model)
     target_opset = int8_opset(source_opset, fmt, per_channel, opset)
     if target_opset != source_opset:
@@ -85,6 +94,7 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
                 op_types_to_quantize=list(op_types) if op_types else None,
                 nodes_to_exclude=list(nodes_to_exclude or []),
                 calibrate_method=METHODS[method], calibration_cache_path=str(ranges_path),
+                extra_options=dict(extra_options or {}),
             )
         validate_model(tmp_out, what="int8 model")
     seconds = time.perf_counter() - started
@@ -92,6 +102,21 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
              out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
              target_opset, seconds)
     return Quantized(out_path, target_opset, seconds)
+
+
+def _check_ranges_cover(model: onnx.ModelProto, ranges_path: Path) -> None:
+    """Every activation of the graph to quantize needs a range: ranges computed on another graph (an older graph
+    rewrite, or ``optimize_graph`` off on one side) would leave tensors unquantized or stop ONNX Runtime's
+    quantizer with a KeyError."""
+    try:
+        names = set(json.loads(Path(ranges_path).read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not our format: let ONNX Runtime's reader report it
+    missing = [t for t in activation_tensors(model) if t not in names]
+    if missing:
+        raise ModelError(f"the calibration ranges do not cover {len(missing)} activations of the graph to quantize "
+                         f"({examples(missing)}); they were computed on another graph (calibrate and quantize must "
+                         f"both apply graph_opt version {graph_opt.VERSION}): rerun the calibrate stage")
 
 
 def validate_model(path: Path, what: str) -> None:
