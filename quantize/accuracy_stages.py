@@ -17,6 +17,7 @@ The fp32 model that evaluation compares against is always the export.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import shutil
@@ -40,7 +41,7 @@ from .static_quant import quantize_model
 log = logging.getLogger(__name__)
 
 # Bumped when a stage's algorithm changes what it writes, so cached results of an older version are not reused.
-VERSIONS = {"equalize": 1, "refine": 1, "budget": 1, "sensitivity": 1, "speed": 2}
+VERSIONS = {"equalize": 1, "refine": 2, "budget": 2, "sensitivity": 2, "speed": 4}
 
 
 class AccuracyStages:
@@ -102,7 +103,7 @@ class AccuracyStages:
             raise ConfigError(f"every evaluation image is in the budget's tuning subset (quant.tune_images="
                               f"{self.cfg.quant.tune_images}); lower it or evaluate on other images (eval.root)")
         if len(kept) < len(samples):
-            log.info("evaluate: %d of %d images are in the budget's tuning subset and are left out", 
+            log.info("evaluate: %d of %d images are in the budget's tuning subset and are left out",
                      len(samples) - len(kept), len(samples))
         return kept, root
 
@@ -132,18 +133,24 @@ class AccuracyStages:
         quantized = self.records.get("quantize") or self.quantize()
         q = self.cfg.quant
         samples, root = self._calibration_subset(q.refine_images)
+        corr_samples, _ = self._calibration_subset(min(q.bias_correction_images, q.refine_images or 1 << 30))
         inputs = {"fp32_sha256": source["sha256"], "int8_sha256": quantized["sha256"],
                   "weight_rounding": q.weight_rounding, "bias_correction": bool(q.bias_correction),
-                  "images": _digest(samples, root), "preprocess": self.preprocess.key(),
-                  "version": VERSIONS["refine"]}
+                  "images": _digest(samples, root),
+                  "correction_images": _digest(corr_samples, root) if q.bias_correction else None,
+                  "preprocess": self.preprocess.key(), "version": VERSIONS["refine"]}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             path = stage_dir / "model.int8.onnx"
-            details = refine(Path(source["path"]), Path(quantized["path"]), path,
+            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            details = refine(reference, Path(quantized["path"]), path,
                              lambda: self._image_batches(samples, root, None), weight_rounding=q.weight_rounding,
-                             bias_correction=bool(q.bias_correction), threads=self.cfg.threads)
+                             bias_correction=bool(q.bias_correction), threads=self.cfg.threads,
+                             correction_batches=lambda: self._image_batches(corr_samples, root, None))
+            if reference != Path(source["path"]):
+                reference.unlink()
             return {"path": str(path), "sha256": file_sha256(path), "opset": quantized["opset"],
-                    "num_images": len(samples), **details}
+                    "num_images": len(samples), "correction_images": len(corr_samples), **details}
 
         return self._stage("refine", inputs, work)
 
@@ -154,6 +161,8 @@ class AccuracyStages:
         start = (self.records.get("refine") or self.refine()) if self._refining() else \
             (self.records.get("quantize") or self.quantize())
         q, a = self.cfg.quant, self.cfg.analysis
+        if q.max_trials < 0:
+            raise ConfigError(f"quant.max_trials={q.max_trials} must be >= 0")
         samples, root = self.tune_samples()
         inputs = {"fp32_sha256": exported["sha256"], "source_sha256": source["sha256"],
                   "ranges_sha256": calibrated["sha256"], "start_sha256": start["sha256"],
@@ -167,9 +176,10 @@ class AccuracyStages:
                            self._batches(samples, root, self.cfg.eval.batch_size, desc="budget: tuning set"),
                            threads=self.cfg.threads)
             ranking_images = samples[: a.sensitivity_images]
-            sensitivity = analyze(Path(source["path"]), Path(start["path"]),
+            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            sensitivity = analyze(reference, Path(start["path"]),
                                   self._image_batches(ranking_images, root, None), threads=self.cfg.threads)
-            fp32_model = onnx.load(source["path"])
+            fp32_model = onnx.load(str(reference))
             int8_nodes = [n.name for n in onnx.load(start["path"]).graph.node]
             ranking = rank_candidates(sensitivity, fp32_model, int8_nodes, already=q.nodes_to_exclude)
             del fp32_model
@@ -215,8 +225,11 @@ class AccuracyStages:
                   "preprocess": self.preprocess.key(), "version": VERSIONS["sensitivity"]}
 
         def work(stage_dir: Path) -> dict[str, Any]:
-            result = analyze(Path(source["path"]), Path(final["path"]),
+            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            result = analyze(reference, Path(final["path"]),
                              self._image_batches(samples, root, "sensitivity"), threads=self.cfg.threads)
+            if reference != Path(source["path"]):
+                reference.unlink()
             data = result.as_json()
             write_json(stage_dir / "sensitivity.json", data)
             ranked = result.ranked()
@@ -227,8 +240,8 @@ class AccuracyStages:
             return {"json": str(stage_dir / "sensitivity.json"), "png": str(png),
                     "output_sqnr_db": data["output_sqnr_db"], "num_images": result.num_images,
                     "num_tensors": len(result.tensors), "seconds": result.seconds,
-                    "reference": "equalized fp32 (the model that was quantized)" if self.cfg.quant.equalize
-                    else "fp32 export",
+                    "reference": ("equalized " if self.cfg.quant.equalize else "")
+                    + "fp32 model as the quantizer saw it (after graph_opt)",
                     "worst": [t.as_json() for t in ranked[: a.sensitivity_top]],
                     "most_added": [t.as_json() for t in result.by_added()[: a.sensitivity_top]],
                     "table": render_table(result, a.sensitivity_top)}
@@ -260,6 +273,21 @@ class AccuracyStages:
             self.records.get("sensitivity") or self.sensitivity()
         if self.cfg.analysis.speed or self._budgeted():
             self.records.get("speed") or self.speed()
+
+
+def quantized_graph(source: Path, out: Path) -> Path:
+    """The fp32 graph that ``quantize_model`` really quantizes: it first applies ``graph_opt.optimize`` (exact
+    rewrites: Pads folded into convolutions, ShuffleNet's channel shuffle folded into weights, ...), so per-tensor
+    and per-weight comparisons must be made against that graph, not the export. Returns ``source`` itself when the
+    quantizer does not rewrite."""
+    option = inspect.signature(quantize_model).parameters.get("optimize_graph")
+    if option is None or not option.default:
+        return source
+    from . import graph_opt
+
+    model, _ = graph_opt.optimize(onnx.load(str(source)))
+    onnx.save(model, str(out))
+    return out
 
 
 def _digest(samples: list[Sample], root: Path) -> str:

@@ -93,7 +93,8 @@ class QuantConfig:
     equalize: bool = False         # rescale channels between convolutions (exact through ReLU/ReLU6) before calibration
     weight_rounding: str = "nearest"  # nearest | gptq: int8 weights minimizing each layer's output error
     bias_correction: bool = False  # int32 biases moved so each Conv/Gemm's mean output per channel matches fp32
-    refine_images: Optional[int] = None  # calibration images used by gptq/bias correction (default: all of them)
+    refine_images: Optional[int] = None  # calibration images GPTQ reads (streamed; default: all of them)
+    bias_correction_images: int = 200  # calibration images bias correction reads (held in memory: ~15 MiB each)
     # Accuracy budget: keep the nodes that hurt most in fp32 until int8 loses at most max_drop top-1 points on a
     # tuning subset of the calibration images (left out of the final evaluation). null: no budget.
     max_drop: Optional[float] = None
@@ -117,7 +118,7 @@ class AnalysisConfig:
     sensitivity_top: int = 15      # rows in report.md (report.json has every tensor)
     speed: bool = False            # int8 / fp32 latency ratio, a cached stage (on whenever quant.max_drop is)
     speed_batch_size: int = 1
-    speed_runs: int = 100          # timed rounds, fp32 and int8 interleaved; speedup = fastest fp32 / fastest int8
+    speed_runs: int = 100          # timed runs per model (alternating blocks); speedup: ratio of medians
 
 
 @dataclass

@@ -160,8 +160,13 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
     def percent(n: int) -> float:
         return 100.0 * n / count
 
-    # A model's rate is per worker core: images / (its session time / workers).
+    # A model's rate is per worker core: images / (its session time / workers). Decoding, when the batches say what
+    # it cost (data.iter_batches does; a crop cache does not decode), is reported as a stage of its own.
     stage_seconds = {"input": input_seconds, **{n: run_seconds[n] / workers for n in names}}
+    decode = getattr(batches, "stats", None)
+    if decode is not None and getattr(decode, "images", 0):
+        stage_seconds = {"decode": decode.images / decode.images_per_second * count / decode.images,
+                         **stage_seconds}
     rates = {stage: count / s if s > 0 else float("inf") for stage, s in stage_seconds.items()}
     result = Evaluation(count, {n: percent(h) for n, h in hits1.items()}, {n: percent(h) for n, h in hits5.items()},
                         percent(agree), seconds, count / seconds if seconds else float("inf"), dict(hits1),

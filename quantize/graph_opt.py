@@ -12,10 +12,13 @@ The TorchScript exporter leaves work in the graph that ONNX Runtime's int8 path 
   DequantizeLinear -> Conv -> QuantizeLinear; they are removed.
 - an explicit zero ``Pad`` before a ``Conv`` (TensorFlow "same" padding), which has no int8 kernel fused with the
   convolution: it is folded into the convolution's own ``pads``.
-- the ShuffleNet channel shuffle followed by the split of the next unit (Reshape -> Transpose -> Reshape -> two
-  Slices, or Split): a fixed permutation of channels. It becomes one constant-index ``Gather`` per half on the
-  channel axis (or is folded into the weights of a following 1x1 convolution), which ONNX Runtime runs on uint8
-  without leaving the int8 path.
+- the ShuffleNet channel shuffle followed by the split of the next unit (Reshape -> Transpose(5-D) -> Reshape -> two
+  Slices): a fixed permutation of channels, which ONNX Runtime can only run in the channels-first layout, so every
+  unit of the int8 model went channels-last -> first -> last through Transposes around it. ``shuffle_opt`` tracks
+  where every channel comes from through the Concats, shuffles and Slices, and has each reader take its channels
+  straight from the tensors that computed them: one Split per such tensor and one Concat per reader, in an order
+  a convolution absorbs by permuting its weights (a depthwise convolution passes the order on to the convolutions
+  after it). Split and Concat on channels run channels-last, so the int8 model keeps one layout end to end.
 
 Every rewrite keeps the fp32 function exactly (tests compare the rewritten and original models' outputs).
 Tensor names of activations that survive are kept, so ranges computed on the rewritten graph name the same tensors.
@@ -415,7 +418,7 @@ def _fold_pads_into_convs(g: _Graph, report: Report) -> None:
     for node in g.nodes:
         if node.op_type != "Pad" or node.output[0] in g.output_names:
             continue
-        if opset_pad_mode(node) != "constant":
+        if _pad_mode(node) != "constant":
             continue
         pads = _pad_amounts(node, g)
         value = _pad_value(node, g)
@@ -442,7 +445,7 @@ def _fold_pads_into_convs(g: _Graph, report: Report) -> None:
     g.nodes = [n for n in g.nodes if id(n) not in removed]
 
 
-def opset_pad_mode(node: onnx.NodeProto) -> str:
+def _pad_mode(node: onnx.NodeProto) -> str:
     mode = _attr(node, "mode", b"constant")
     return mode.decode() if isinstance(mode, bytes) else mode
 

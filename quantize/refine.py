@@ -28,9 +28,11 @@ WEIGHT_ROUNDING = ("nearest", "gptq")
 
 
 def refine(fp32_path: Path, int8_path: Path, out_path: Path, batches: Callable[[], Iterable[np.ndarray]],
-           weight_rounding: str = "nearest", bias_correction: bool = False, threads: int = 0) -> dict[str, Any]:
+           weight_rounding: str = "nearest", bias_correction: bool = False, threads: int = 0,
+           correction_batches: Callable[[], Iterable[np.ndarray]] | None = None) -> dict[str, Any]:
     """Write the refined int8 model to ``out_path``; returns what each method measured. ``fp32_path`` must be the
-    model ``int8_path`` was quantized from; ``batches()`` yields calibration images anew on each call."""
+    model ``int8_path`` was quantized from; ``batches()`` yields calibration images anew on each call (GPTQ), and
+    ``correction_batches()`` the images for bias correction (default: the same)."""
     if weight_rounding not in WEIGHT_ROUNDING:
         raise ConfigError(f"quant.weight_rounding={weight_rounding!r} is not one of {', '.join(WEIGHT_ROUNDING)}")
     fp32 = onnx.load(str(fp32_path))
@@ -41,7 +43,7 @@ def refine(fp32_path: Path, int8_path: Path, out_path: Path, batches: Callable[[
         details["weight_rounding"] = {k: v for k, v in asdict(rounding).items() if k != "per_layer"}
         details["weight_rounding"]["per_layer"] = rounding.per_layer
     if bias_correction:
-        correction = correct_biases(fp32, int8, batches, threads=threads)
+        correction = correct_biases(fp32, int8, correction_batches or batches, threads=threads)
         details["bias_correction"] = asdict(correction)
     with atomic_path(out_path) as tmp:
         onnx.save(int8, str(tmp))

@@ -10,8 +10,12 @@ formulation the exporter chose, and replaced:
   channels permuted the same way;
 - any other reader gets ``Gather(x, perm)``.
 
-ONNX Runtime runs a constant-index Gather on uint8 between quantized ops (QDQ drops around it), where the
-Reshape -> Transpose(5-D) -> Reshape chain forced layout transposes around every unit.
+Gathers on channels still force ONNX Runtime's int8 graph back to channels-first around them, so a second pass,
+``rewrite_channel_dataflow``, follows every channel through Concat/Gather/Slice/Split back to the tensor that
+computed it, cuts each such tensor once with a Split at every boundary a reader needs, and gives each reader a
+Concat of those chunks: in its logical order, or, for a convolution, grouped by source in channel order with the
+convolution's weights permuted to match (a depthwise convolution permutes its own weights and passes the order on
+to the convolutions that read it). For ShuffleNetV2 that is one Split and one Concat per unit, no Transpose.
 """
 
 from __future__ import annotations
@@ -240,11 +244,12 @@ def _movement_provenance(node: onnx.NodeProto, g: _Graph, prov: dict[str, list[t
         steps = g.inits.get(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
         if any(b is None for b in bounds) or steps is None or bounds[0].size != 1:
             return None
-        if not _channel_axis_ok(int(bounds[2].reshape(-1)[0])) or int(steps.reshape(-1)[0]) != 1:
+        step = int(steps.reshape(-1)[0])
+        if not _channel_axis_ok(int(bounds[2].reshape(-1)[0])) or step < 1:
             return None
         n = len(data)
         start, end = (int(np.clip(v if v >= 0 else v + n, 0, n)) for v in (bounds[0].item(), bounds[1].item()))
-        return [data[start:end]]
+        return [data[start:end:step]]  # a strided slice (x[:, 0::2], Megvii's shuffle) is a channel selection too
     if node.op_type == "Split" and _channel_axis_ok(_attr(node, "axis", 0)):
         sizes = _attr(node, "split")
         if sizes is None and len(node.input) > 1 and node.input[1]:

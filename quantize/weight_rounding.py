@@ -208,9 +208,8 @@ def _gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin:
     """Integer weights for ``w`` (rows, cols) given ``h`` (cols, cols), columns in descending order of ``diag(h)``."""
     w = w.copy()
     h = h.copy()
-    dead = np.diag(h) <= 0
+    dead = np.diag(h) <= 0  # inputs that were always zero: rounded to nearest, nothing to compensate
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     order = np.argsort(-np.diag(h), kind="stable")
     inverse_order = np.argsort(order)
     w, h = w[:, order], h[np.ix_(order, order)]

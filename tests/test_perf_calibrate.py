@@ -131,3 +131,18 @@ def test_evaluation_workers_agree(model_path, images):
     assert one.num_images == two.num_images == len(images)
     assert one.top1 == two.top1 and one.top5 == two.top5 and two.agreement_top1 == 100.0
     assert set(two.stage_images_per_second) == {"input", "a", "b"}
+
+
+def test_evaluation_reports_decoding_as_a_stage(model_path, tmp_path):
+    from conftest import write_tiny_imagenet
+    from quantize.data import iter_batches, list_samples
+    from quantize.preprocess import Preprocess
+
+    root = write_tiny_imagenet(tmp_path / "val", per_class=2)
+    samples = list_samples(root)
+    p = Preprocess(resize=28, crop=24)
+    batches = iter_batches(samples, 4, p, workers=2)
+    result = evaluate({"fp32": model_path, "int8": model_path}, batches, threads=2)
+    assert batches.stats.images == len(samples) and batches.stats.decode_seconds > 0
+    assert set(result.stage_images_per_second) == {"decode", "input", "fp32", "int8"}
+    assert all(rate > 0 for rate in result.stage_images_per_second.values())

@@ -146,3 +146,29 @@ def test_torchvision_shufflenet_rewrite_is_exact(tmp_path):
     assert not {"Shape", "Gather", "Transpose", "Reshape", "Slice", "Identity"} & ops
     want, got = _outputs(original, x), _outputs(optimized, x)
     assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
+
+
+class StridedShuffle(nn.Module):
+    """Megvii's formulation: even and odd channels by strided slicing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        even, odd = y[:, 0::2], y[:, 1::2]
+        return self.c(torch.cat((even, torch.relu(self.b(odd))), dim=1)).mean((2, 3))
+
+
+def test_strided_channel_slices_become_splits(tmp_path, images):
+    path = tmp_path / "strided.onnx"
+    export_onnx(StridedShuffle().eval(), path, images[:2])
+    original = onnx.load(str(path))
+    optimized, _ = graph_opt.optimize(original)
+    assert "Slice" not in {n.op_type for n in optimized.graph.node}
+    want, got = _outputs(original, images), _outputs(optimized, images)
+    assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
