@@ -31,6 +31,7 @@ from .data import Sample, balanced_subset, iter_batches, list_samples
 from .errors import ConfigError
 from .evaluate import evaluate
 from .export import Exported, export_onnx, import_onnx
+from .graph_opt import VERSION as GRAPH_OPT_VERSION
 from .image_list import match_image_list, read_image_list
 from .preprocess import Preprocess
 from .report import write_report
@@ -244,7 +245,8 @@ class Pipeline(AccuracyStages):
         inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
                   "percentile": c.percentile if c.method == "percentile" else None,
                   "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
-                  "images": _samples_digest(samples, root), "preprocess": self.preprocess.key()}
+                  "images": _samples_digest(samples, root), "preprocess": self.preprocess.key(),
+                  "graph_opt": GRAPH_OPT_VERSION}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             images = (batch for batch, _ in self._batches(samples, root, c.batch_size, desc="calibrate"))
@@ -254,7 +256,8 @@ class Pipeline(AccuracyStages):
             save_ranges(result, ranges_path)
             return {"path": str(ranges_path), "sha256": file_sha256(ranges_path), "method": result.method,
                     "num_images": result.num_images, "num_tensors": len(result.ranges), "seconds": result.seconds,
-                    "peak_rss_mb": result.peak_rss_mb, "root": str(root), **image_list}
+                    "peak_rss_mb": result.peak_rss_mb, "root": str(root), "measured_tensors": result.measured,
+                    "graph_opt": result.graph_opt, **image_list}
 
         return self._stage("calibrate", inputs, work)
 
@@ -266,7 +269,8 @@ class Pipeline(AccuracyStages):
                        per_channel=q.per_channel, reduce_range=q.reduce_range, opset=q.opset,
                        op_types=list(q.op_types) if q.op_types else None, nodes_to_exclude=list(q.nodes_to_exclude))
         inputs = {"model_sha256": exported["sha256"], "ranges_sha256": calibrated["sha256"],
-                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime")}
+                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime"),
+                  "graph_opt": GRAPH_OPT_VERSION}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             result = quantize_model(Path(exported["path"]), Path(calibrated["path"]), stage_dir / "model.int8.onnx",
@@ -292,7 +296,10 @@ class Pipeline(AccuracyStages):
                     "fp32": {"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
                     "int8": {"top1": result.top1["int8"], "top5": result.top5["int8"]},
                     "agreement_top1": result.agreement_top1, "seconds": result.seconds,
-                    "images_per_second": result.images_per_second}
+                    "images_per_second": result.images_per_second,
+                    "stage_images_per_second": result.stage_images_per_second,
+                    "stage_seconds": result.stage_seconds, "threads": result.threads,
+                    "minutes_for_50000": 50000 / result.images_per_second / 60}
 
         return self._stage("evaluate", inputs, work)
 
