@@ -264,3 +264,42 @@ def render_table(result: Sensitivity, top: int = 15) -> list[str]:
     for rank, t in enumerate(result.by_added()[:top], 1):
         lines.append(f"| {rank} | `{t.producer}` ({t.op_type}) | {fmt(t.added_db)} | {fmt(t.sqnr_db)} |")
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m quantize.sensitivity FP32.onnx INT8.onnx --data DIR [--images 32] [--out DIR]``: the sensitivity
+    report of any fp32/int8 QDQ pair (e.g. one made by another tool), as sensitivity.{json,md,png}."""
+    import argparse
+    import sys
+
+    from .artifacts import write_json, write_text
+    from .data import balanced_subset, iter_batches, list_samples
+    from .errors import QuantizeError
+    from .plots import sqnr_bars
+    from .preprocess import Preprocess
+
+    parser = argparse.ArgumentParser(prog="python -m quantize.sensitivity", description=main.__doc__.split("\n")[0])
+    parser.add_argument("fp32", type=Path)
+    parser.add_argument("int8", type=Path)
+    parser.add_argument("--data", type=Path, required=True, help="ImageNet-style folder (synset folders or flat)")
+    parser.add_argument("--images", type=int, default=32, help="class-balanced images to run (default 32)")
+    parser.add_argument("--top", type=int, default=15, help="rows of the Markdown tables")
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for sensitivity.{json,md,png}")
+    args = parser.parse_args(argv)
+    try:
+        samples = balanced_subset(list_samples(args.data), args.images)
+        batches = (images for images, _ in iter_batches(samples, 8, Preprocess()))
+        result = analyze(args.fp32, args.int8, batches)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    write_json(args.out / "sensitivity.json", result.as_json())
+    write_text(args.out / "sensitivity.md", "\n".join(render_table(result, args.top)) + "\n")
+    sqnr_bars(args.out / "sensitivity.png", [t.tensor for t in result.tensors], [t.sqnr_db for t in result.tensors],
+              f"{args.int8.name}: SQNR of each quantized activation vs fp32 ({result.num_images} images)")
+    print((args.out / "sensitivity.md").read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

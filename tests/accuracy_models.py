@@ -40,7 +40,7 @@ def relu_then_qdq(scale: float) -> tuple[onnx.ModelProto, onnx.ModelProto]:
 
 
 def conv_net(seed: int = 0, channels: int = 8, relu6: bool = True, depthwise: bool = True,
-             bias_offset: float = 0.0) -> onnx.ModelProto:
+             bias_offset: float = 0.0, size: int | None = 16) -> onnx.ModelProto:
     """x(3ch) -> Conv 3x3 -> Clip(0,6)|Relu -> [depthwise 3x3 | Conv 1x1] -> Conv 1x1 -> GlobalAveragePool -> out.
     Channels of the first conv get very different gains, as trained networks have."""
     rng = np.random.default_rng(seed)
@@ -72,7 +72,7 @@ def conv_net(seed: int = 0, channels: int = 8, relu6: bool = True, depthwise: bo
         helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="pool"),
         helper.make_node("Flatten", ["p"], ["out"], name="flatten"),
     ]
-    graph = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 16, 16])],
+    graph = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, size, size])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, c])], inits)
     return helper.make_model(graph, opset_imports=OPSET)
 

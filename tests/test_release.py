@@ -18,7 +18,7 @@ def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog
     data = write_tiny_imagenet(tmp_path / "val")
     out = tmp_path / "release"
     args = ["--models", "shufflenet_v2_x0_5", "--out", str(out), "model.pretrained=false", f"data.root={data}",
-            "calib.num_images=4", "export.check_images=2", f"work_dir={tmp_path / 'work'}"]
+            "calib.num_images=4", "export.check_images=2", f"work_dir={tmp_path / 'work'}", "analysis.speed_runs=10"]
     assert release_main(args) == 0
     model_dir = out / "shufflenet_v2_x0_5"
     assert sorted(p.name for p in model_dir.iterdir()) == ["manifest.json", "model.int8.onnx", "model.onnx",
@@ -28,9 +28,11 @@ def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog
         "onnx"]["int8_sha256"]
     assert manifest["config"]["model"]["name"] == "shufflenet_v2_x0_5"
     assert manifest["versions"]["onnxruntime"] and manifest["inputs"]["calibration_images_digest"]
-    assert set(manifest["stage_seconds"]) == {"export", "calibrate", "quantize", "evaluate"}
+    assert set(manifest["stage_seconds"]) == {"export", "calibrate", "quantize", "evaluate", "speed"}
     summary = (out / "SUMMARY.md").read_text()
     assert "| shufflenet_v2_x0_5 | torchvision |" in summary and "60.552 / 81.746" in summary
+    speedup = json.loads((model_dir / "report.json").read_text())["speed"]["int8_speedup"]
+    assert speedup > 0 and summary.rstrip().endswith(f"| {speedup:.2f}× |")
     assert oct(os.stat(model_dir / "model.onnx").st_mode & 0o077) != "0o0"  # readable by others (umask)
 
     before = tree(out)

@@ -80,3 +80,23 @@ def test_sqnr_plot_is_a_png(tmp_path):
     path = sqnr_bars(tmp_path / "s.png", ["a", "b", "c"], [30.0, math.inf, 12.5], "title", highlight=1)
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_command_line_report_for_any_pair(tmp_path, capsys):
+    from quantize.sensitivity import main
+
+    from conftest import write_tiny_imagenet
+
+    model = conv_net(size=None)  # any image size: the command line feeds 224x224 crops
+    fp32 = save(model, tmp_path / "fp32.onnx")
+    ranges = minmax_ranges(model, images(16), tmp_path / "r.json")
+    int8 = quantize_model(fp32, ranges, tmp_path / "int8.onnx", method="minmax").path
+    photos = write_tiny_imagenet(tmp_path / "val", classes=(1, 2), per_class=2)
+    assert main([str(fp32), str(int8), "--data", str(photos), "--images", "3", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "over 3 images" in printed and "| rank | tensor |" in printed
+    data = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert data["num_images"] == 3 and len(data["tensors"]) >= 4
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0
+    assert main([str(fp32), str(tmp_path / "missing.onnx"), "--data", str(photos)]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
