@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15, help="rows of the Markdown tables")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for sensitivity.{json,md,png}")
     args = parser.parse_args(argv)
+    missing = [str(p) for p in (args.fp32, args.int8) if not p.is_file()]
+    if missing:
+        print(f"error: no such model: {', '.join(missing)}", file=sys.stderr)
+        return 1
     try:
         samples = balanced_subset(list_samples(args.data), args.images)
         batches = (images for images, _ in iter_batches(samples, 8, Preprocess()))
