@@ -29,20 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts import write_text
 from .errors import QuantizeError
-from .runtime import input_name, make_session
+from .runtime import cpu_name, input_name, make_session
 
 SCHEMA = "quantize-bench/1"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -187,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         result["model"] = args.model
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0
 

@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         result["model"] = args.model
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        from .artifacts import write_text
+
+        write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import onnxruntime as ort
@@ -48,3 +49,14 @@ def make_session(model: str | Path | bytes, threads: int = 0, basic_optimization
 
 def input_name(session: ort.InferenceSession) -> str:
     return session.get_inputs()[0].name
+
+
+def cpu_name() -> str:
+    """The CPU model, recorded beside every timing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

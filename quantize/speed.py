@@ -14,7 +14,6 @@ them (all graph optimizations, so the int8 model's QDQ pairs are fused into inte
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import input_name, make_session
+from .runtime import cpu_name, input_name, make_session
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,6 @@ class Latency:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(models: dict[str, Path], reference: str = "fp32", batch_size: int = 1, threads: int = 0,

@@ -1,7 +1,6 @@
 """The accuracy stages inside the pipeline: off by default, and every report field when switched on."""
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image

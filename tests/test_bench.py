@@ -1,7 +1,6 @@
 """make bench / make bench-calib: the JSON they write and the memory cap of the stock path (tiny inputs, no timings)."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
