@@ -145,9 +145,40 @@ def drop_vs_speed(path: Path, points: Sequence[tuple[str, float, float]], title:
         canvas.draw.rectangle([gx, gy, canvas.x1, canvas.y0], fill=(232, 240, 232))
     canvas.yticks(_nice_ticks(*ylim))
     canvas.xticks(_nice_ticks(*xlim))
-    for n, (label, x, y) in enumerate(points, 1):
+    placed: list[tuple[float, float, float, float]] = []
+    for label, x, y in points:
         cx, cy = canvas.px(x, y)
         canvas.draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=BLUE)
-        canvas.draw.text((cx + 6, cy - 6 + 10 * (n % 2)), label, fill=BLACK, font=canvas.font)
+        placed.append((cx - 4, cy - 4, cx + 4, cy + 4))
+    for label, x, y in sorted(points, key=lambda p: (p[2], p[1])):
+        cx, cy = canvas.px(x, y)
+        box = _place_label(canvas, label, cx, cy, placed)
+        placed.append(box)
+        canvas.draw.text(box[:2], label, fill=BLACK, font=canvas.font)
     canvas.save(path)
     return path
+
+
+def _place_label(canvas: _Canvas, label: str, cx: float, cy: float,
+                 placed: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float]:
+    """A spot for ``label`` near the point (cx, cy) inside the plot that overlaps no label placed before (the first
+    of a few candidate offsets that fits; the least crowded one otherwise)."""
+    left, top, right, bottom = canvas.draw.textbbox((0, 0), label, font=canvas.font)
+    w, h = right - left + 2, bottom - top + 2
+    candidates = [(dx, dy) for dy in (-h / 2, -h - 4, 4, -2 * h - 6, h + 6, -3 * h - 8, 2 * h + 8)
+                  for dx in (7, -w - 7)]
+
+    def overlaps(box):
+        return sum(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in placed)
+
+    best, best_count = None, None
+    for dx, dy in candidates:
+        box = (cx + dx, cy + dy, cx + dx + w, cy + dy + h)
+        if box[0] < canvas.x0 or box[2] > canvas.x1 + 15 or box[1] < canvas.y1 - 25 or box[3] > canvas.y0:
+            continue
+        count = overlaps(box)
+        if count == 0:
+            return box
+        if best_count is None or count < best_count:
+            best, best_count = box, count
+    return best or (cx + 7, cy - h / 2, cx + 7 + w, cy + h / 2)

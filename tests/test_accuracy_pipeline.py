@@ -38,7 +38,7 @@ def test_accurate_preset_composes():
     cfg = compose_config(["+model=efficientnet_lite0", "quant=u8s8_accurate"])
     q = cfg.quant
     assert (q.format, q.activation_type, q.weight_type, q.per_channel) == ("qdq", "uint8", "int8", True)
-    assert (q.weight_rounding, q.bias_correction, q.equalize, q.max_drop) == ("gptq", True, False, None)
+    assert (q.weight_rounding, q.bias_correction, q.equalize, q.max_drop) == ("gptq", False, False, None)
 
 
 def test_every_method_budget_sensitivity_and_speed_end_to_end(tiny):
