@@ -18,11 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from .accuracy_stages import AccuracyStages
-from .artifacts import file_sha256, key_of, read_json, write_json
+from .artifacts import atomic_path, file_sha256, key_of, read_json, write_json
 from .calibrate import calibrate, save_ranges
 from .complexity import count_ops, count_parameters
 from .config import STAGES
@@ -99,6 +100,34 @@ def _exported_record(exported: Exported) -> dict[str, Any]:
 def _samples_digest(samples: list[Sample], root: Path) -> str:
     return key_of([[str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path), s.label]
                    for s in samples])
+
+
+PREDICTIONS = "top5.npy"
+
+
+def _load_predictions(directory: Path, num_images: int) -> np.ndarray | None:
+    """The fp32 model's saved top-5 on the evaluation images, or None when there is no complete, readable copy."""
+    if not (directory / "record.json").exists():
+        return None
+    try:
+        top = np.load(directory / PREDICTIONS, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        log.warning("evaluate: ignoring unreadable fp32 predictions in %s (%s)", directory, exc)
+        return None
+    if top.ndim != 2 or len(top) != num_images:
+        log.warning("evaluate: ignoring fp32 predictions in %s: shape %s for %d images", directory, top.shape,
+                    num_images)
+        return None
+    return top
+
+
+def _save_predictions(directory: Path, top: np.ndarray, fp32_sha256: str) -> None:
+    """Written so that a reader sees all or nothing: the array first, then the record naming it."""
+    with atomic_path(directory / PREDICTIONS) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, top)
+    write_json(directory / "record.json", {"fp32_sha256": fp32_sha256, "num_images": len(top),
+                                           "file": PREDICTIONS, "sha256": file_sha256(directory / PREDICTIONS)})
 
 
 class Pipeline(AccuracyStages):
@@ -285,17 +314,29 @@ class Pipeline(AccuracyStages):
         quantized = self.final_int8()  # after refine/budget when those are configured
         e = self.cfg.eval
         samples, root = self.eval_samples()  # without the budget's tuning images
+        images = _samples_digest(samples, root)
         inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
-                  "images": _samples_digest(samples, root), "limit": e.limit, "seed": e.seed,
-                  "preprocess": self.preprocess.key()}
+                  "images": images, "limit": e.limit, "seed": e.seed, "preprocess": self.preprocess.key()}
+        reference = self.model_dir / "fp32-predictions-{}".format(key_of({
+            "fp32_sha256": exported["sha256"], "images": images, "preprocess": self.preprocess.key(),
+            "onnxruntime": metadata.version("onnxruntime")}))
 
         def work(stage_dir: Path) -> dict[str, Any]:
-            result = evaluate({"fp32": Path(exported["path"]), "int8": Path(quantized["path"])},
-                              self._batches(samples, root, e.batch_size, desc="evaluate"), threads=self.cfg.threads)
+            known = None if "evaluate" in self.force else _load_predictions(reference, len(samples))
+            models = {"int8": Path(quantized["path"])}
+            if known is None:
+                models = {"fp32": Path(exported["path"]), **models}
+            else:
+                log.info("evaluate: fp32 predictions on these images reused from %s; running int8 only", reference)
+            result = evaluate(models, self._batches(samples, root, e.batch_size, desc="evaluate"),
+                              threads=self.cfg.threads, known={"fp32": known} if known is not None else None)
+            if known is None:
+                _save_predictions(reference, result.predictions["fp32"], exported["sha256"])
             return {"num_images": result.num_images, "root": str(root),
                     "fp32": {"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
                     "int8": {"top1": result.top1["int8"], "top5": result.top5["int8"]},
                     "agreement_top1": result.agreement_top1, "seconds": result.seconds,
+                    "fp32_predictions": str(reference), "fp32_reused": known is not None,
                     "images_per_second": result.images_per_second,
                     "stage_images_per_second": result.stage_images_per_second,
                     "stage_seconds": result.stage_seconds, "threads": result.threads,

@@ -36,7 +36,7 @@ def build_report(cfg: DictConfig, records: dict[str, dict[str, Any]], versions: 
         "eval": {"num_images": ev["num_images"], "root": ev["root"], "seconds": ev["seconds"],
                  "images_per_second": ev["images_per_second"],
                  "stage_images_per_second": ev.get("stage_images_per_second"),
-                 "minutes_for_50000": ev.get("minutes_for_50000")},
+                 "minutes_for_50000": ev.get("minutes_for_50000"), "fp32_reused": ev.get("fp32_reused")},
         "reference": {"top1": ref["top1"], "top5": ref["top5"], "source": ref["source"]},
         "export": {"max_abs_diff": export["max_abs_diff"], "seconds": export["seconds"]},
         "complexity": {"params_m": export.get("params_m"), "ops_m": export.get("ops_m"),
@@ -156,6 +156,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- int8 model: {report['quant']['format'].upper()}, {report['quant']['activation_type']} activations, "
         f"{report['quant']['weight_type']} {'per-channel' if report['quant']['per_channel'] else 'per-tensor'} "
         f"weights, opset {report['onnx']['int8_opset']}: `{report['onnx']['int8_path']}`",
+        *_evaluation_speed(report["eval"]),
         "",
         "| stage | seconds | cached |",
         "|---|---|---|",
@@ -164,6 +165,18 @@ def render_markdown(report: dict[str, Any]) -> str:
               for name, s in report["stages"].items()]
     lines += render_accuracy(report)
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_speed(ev: dict[str, Any]) -> list[str]:
+    if not ev.get("images_per_second"):
+        return []
+    stages = ", ".join(f"{name} {rate:.0f}" for name, rate in (ev.get("stage_images_per_second") or {}).items())
+    return [f"- evaluation: {ev['images_per_second']:.1f} images/s"
+            + (f" (each stage alone, images/s: {stages})" if stages else "")
+            + (f"; 50,000 images at this rate: {ev['minutes_for_50000']:.1f} min" if ev.get("minutes_for_50000")
+               else "")
+            + ("; fp32 predictions reused from an earlier evaluation of the same model and images"
+               if ev.get("fp32_reused") else "")]
 
 
 def render_accuracy(report: dict[str, Any]) -> list[str]:

@@ -88,6 +88,33 @@ def test_changed_calibration_reuses_export_but_redoes_the_rest(tmp_path):
     assert report["calib"]["method"] == "minmax"
     assert {n: s["cached"] for n, s in report["stages"].items()} == {
         "export": True, "calibrate": False, "quantize": False, "evaluate": False}
+    assert report["eval"]["fp32_reused"]  # same fp32 model, same images: only int8 ran
+
+
+def test_fp32_predictions_are_reused_only_for_the_same_model_and_images(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    first = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a")), tmp_path / "r1").run()
+    assert not first["eval"]["fp32_reused"]
+    assert "fp32 predictions reused" not in (tmp_path / "r1" / "report.md").read_text()
+    second = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib.percentile=99.9")),
+                      tmp_path / "r2").run()
+    assert second["eval"]["fp32_reused"] and not second["stages"]["evaluate"]["cached"]
+    assert second["fp32"] == first["fp32"]
+    assert "fp32 predictions reused" in (tmp_path / "r2" / "report.md").read_text()
+
+    fewer = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib.percentile=99.9", "eval.limit=4")),
+                     tmp_path / "r3").run()
+    assert not fewer["eval"]["fp32_reused"] and fewer["eval"]["num_images"] == 4
+
+    # a damaged copy is recomputed, not trusted; a forced evaluation recomputes fp32 as well
+    for saved in (tmp_path / "a" / "shufflenet_v2_x0_5").glob("fp32-predictions-*/top5.npy"):
+        saved.write_bytes(b"not an array")
+    damaged = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib.percentile=99.8")),
+                       tmp_path / "r4").run()
+    assert not damaged["eval"]["fp32_reused"] and damaged["fp32"] == first["fp32"]
+    forced = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib.percentile=99.8",
+                                                    "stages=[evaluate,report]")), tmp_path / "r5").run()
+    assert not forced["eval"]["fp32_reused"] and forced["fp32"] == first["fp32"]
 
 
 def test_a_stage_left_out_without_a_cache_is_a_clear_error(tmp_path):

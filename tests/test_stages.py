@@ -10,7 +10,7 @@ from torch import nn
 
 from quantize.calibrate import activation_tensors, calibrate, save_ranges
 from quantize.errors import ConfigError, ModelError
-from quantize.evaluate import evaluate, topk_hits
+from quantize.evaluate import evaluate, top_classes, topk_hits
 from quantize.export import export_onnx
 from quantize.runtime import make_session
 from quantize.static_quant import int8_opset, model_opset, quantize_model
@@ -137,6 +137,13 @@ def test_topk_hits():
     assert topk_hits(logits, np.array([3, 4]), 5).tolist() == [False, True]
 
 
+def test_top_classes_rank_by_score_then_lower_id():
+    logits = np.array([[0.1, 0.9, 0.5, 0.9, 0.2, 0.3, 0.0], [6, 5, 4, 3, 2, 1, 0]], dtype=np.float32)
+    assert top_classes(logits).tolist() == [[1, 3, 2, 5, 4], [0, 1, 2, 3, 4]]
+    scores = np.random.default_rng(0).standard_normal((50, 1000)).astype(np.float32)
+    assert (top_classes(scores)[:, 0] == scores.argmax(1)).all()
+
+
 def test_evaluate_counts_accuracy_and_agreement(fp32, images):
     session = make_session(fp32.path)
     predicted = session.run(None, {"input": images})[0].argmax(1)
@@ -148,3 +155,23 @@ def test_evaluate_counts_accuracy_and_agreement(fp32, images):
     assert result.top1["a"] == result.top1["b"] == pytest.approx(100 * 9 / 12)
     assert result.agreement_top1 == 100.0
     assert result.top5["a"] >= result.top1["a"]
+
+
+def test_known_predictions_score_like_a_run_of_the_model(fp32, images):
+    """A model given by its earlier predictions is not run, and every figure equals the run where it was."""
+    session = make_session(fp32.path)
+    labels = session.run(None, {"input": images})[0].argmax(1)
+    labels[:4] = (labels[:4] + 1) % 1000
+    batches = [(images[:5], labels[:5]), (images[5:], labels[5:])]
+    both = evaluate({"a": fp32.path, "b": fp32.path}, batches)
+    assert both.predictions["a"].shape == (12, 5)
+    reused = evaluate({"b": fp32.path}, batches, known={"a": both.predictions["a"]})
+    for field in ("top1", "top5", "correct"):
+        assert getattr(reused, field) == getattr(both, field)
+    assert reused.agreement_top1 == both.agreement_top1 == 100.0
+    assert set(reused.stage_seconds) == {"input", "b"}  # "a" was not run
+
+    shifted = np.roll(both.predictions["a"], 1, axis=0)  # predictions of other images: agreement must drop
+    assert evaluate({"b": fp32.path}, batches, known={"a": shifted}).agreement_top1 < 100.0
+    with pytest.raises(ValueError, match="cover 11 images"):
+        evaluate({"b": fp32.path}, batches, known={"a": both.predictions["a"][:11]})
