@@ -3,13 +3,14 @@
     python -m quantize.bench --fp32 A.onnx --int8 B.onnx [--batch 32] [--iterations 50] [--threads 2] [--out b.json]
     python -m quantize.bench --model shufflenet_v2_x1_0      # the models of the newest run in outputs/<model>/
 
-Two measurements, each with the models interleaved (fp32, int8, fp32, int8, ...) so that a change of load on a shared
-machine slows both alike:
+Two measurements, each timed by ``quantize.speed.time_blocks``: per model, alternating blocks of runs (fp32, int8,
+fp32, int8, ...) so that a change of load on a shared machine slows both alike, with only the timed model's session
+alive (ONNX Runtime's idle threads of another session would spin on the cores and slow it):
 
 - latency at batch 1: ``--iterations`` single-image runs per model; p50/p90/p99/mean milliseconds;
-- throughput at ``--batch``: ``--iterations`` (at least 5) batches per model; images per second from the median batch.
+- throughput at ``--batch``: ``--iterations`` batches per model (5 to 20); images per second from the median batch.
 
-The speedup of each is the median over rounds of fp32 time / int8 time within the round (>1: int8 is faster).
+The speedup of each is the ratio of the medians: fp32 time / int8 time (>1: int8 is faster).
 Sessions are made as the evaluate stage makes them (all graph optimizations, ``--threads`` intra-op threads).
 The result is written as JSON (``--out``) and printed as a table.
 """
@@ -23,7 +24,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ import numpy as np
 
 from .artifacts import write_text
 from .errors import QuantizeError
-from .runtime import cpu_name, input_name, make_session
+from .runtime import cpu_name
+from .speed import time_blocks
 
 SCHEMA = "quantize-bench/1"
 
@@ -40,42 +41,27 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _interleaved(sessions: dict[str, Any], batch: np.ndarray, iterations: int, warmup: int) -> dict[str, list[float]]:
-    feeds = {name: {input_name(s): batch} for name, s in sessions.items()}
-    for _ in range(warmup):
-        for name, s in sessions.items():
-            s.run(None, feeds[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(iterations):
-        for name, s in sessions.items():
-            started = time.perf_counter()
-            s.run(None, feeds[name])
-            times[name].append(time.perf_counter() - started)
-    return times
-
-
 def _speedup(times: dict[str, list[float]], reference: str) -> dict[str, float]:
-    return {name: statistics.median(r / t for r, t in zip(times[reference], own))
+    return {name: statistics.median(times[reference]) / statistics.median(own)
             for name, own in times.items() if name != reference}
 
 
 def run(models: dict[str, Path], batch: int = 32, iterations: int = 50, threads: int = 0, warmup: int = 3,
-        image_size: int = 224, reference: str = "fp32", seed: int = 0) -> dict[str, Any]:
+        image_size: int = 224, reference: str = "fp32", seed: int = 0, blocks: int = 4) -> dict[str, Any]:
     """Latency percentiles at batch 1 and throughput at ``batch`` for each model, as a JSON-able dict."""
     if iterations < 1 or batch < 1:
         raise QuantizeError("--iterations and --batch must be at least 1")
-    sessions = {name: make_session(path, threads=threads) for name, path in models.items()}
     rng = np.random.default_rng(seed)
     single = rng.normal(size=(1, 3, image_size, image_size)).astype(np.float32)
-    latency = _interleaved(sessions, single, iterations, warmup)
+    latency = time_blocks(models, single, iterations, threads=threads, warmup=warmup, blocks=blocks)
     batched = rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
     rounds = max(5, min(iterations, 20)) if batch > 1 else iterations
-    throughput = _interleaved(sessions, batched, rounds, max(1, warmup // 2))
+    throughput = time_blocks(models, batched, rounds, threads=threads, warmup=max(1, warmup // 2), blocks=blocks)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "onnxruntime": _version("onnxruntime")},
-        "threads": threads, "reference": reference,
+        "threads": threads, "reference": reference, "blocks": blocks,
         "models": {name: {"path": str(path), "bytes": Path(path).stat().st_size} for name, path in models.items()},
         "latency": {"batch": 1, "iterations": iterations, "models": {}},
         "throughput": {"batch": batch, "iterations": rounds, "models": {}},
@@ -145,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", type=Path, default=Path("outputs"))
     parser.add_argument("--batch", type=int, default=32, help="batch of the throughput measurement")
     parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs at the start of each block")
+    parser.add_argument("--blocks", type=int, default=4, help="alternating blocks the runs of each model are split in")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: every core)")
     parser.add_argument("--with-rewritten-fp32", action="store_true",
                         help="also time the fp32 model after graph_opt's exact rewrites (how much of the int8 "
@@ -171,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 onnx.save(optimize(onnx.load(str(models["fp32"])))[0], str(rewritten))
                 models["fp32_rewritten"] = rewritten
             result = run(models, batch=args.batch, iterations=args.iterations, threads=args.threads,
-                         warmup=args.warmup)
+                         warmup=args.warmup, blocks=args.blocks)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

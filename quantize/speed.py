@@ -42,18 +42,15 @@ class Latency:
         return asdict(self)
 
 
-def measure(models: dict[str, Path], reference: str = "fp32", batch_size: int = 1, threads: int = 0,
-            warmup: int = 5, runs: int = 100, seed: int = 0, image_size: int = 224, blocks: int = 4) -> Latency:
-    """Latency of each model and its speedup over ``reference`` (a key of ``models``); ``runs`` timed runs per
-    model, in ``blocks`` alternating blocks."""
-    if reference not in models:
-        raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
-    if runs < 1 or batch_size < 1 or blocks < 1:
-        raise ValueError("runs, blocks and batch_size must be >= 1")
-    batch = np.random.default_rng(seed).standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32)
+def time_blocks(models: dict[str, Path], batch: np.ndarray, runs: int, threads: int = 0, warmup: int = 5,
+                blocks: int = 4) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` runs of every model on ``batch``: ``blocks`` alternating blocks, each with a
+    fresh session (warmed up by ``warmup`` runs) that is the only one alive while it is timed."""
+    if runs < 1 or blocks < 1:
+        raise ValueError("runs and blocks must be >= 1")
+    blocks = min(blocks, runs)
     times: dict[str, list[float]] = {name: [] for name in models}
-    per_block = [runs // blocks + (1 if b < runs % blocks else 0) for b in range(blocks)]
-    for count in per_block:
+    for count in [runs // blocks + (1 if b < runs % blocks else 0) for b in range(blocks)]:
         for name, path in models.items():
             session = make_session(path, threads=threads)
             feed = {input_name(session): batch}
@@ -64,6 +61,19 @@ def measure(models: dict[str, Path], reference: str = "fp32", batch_size: int = 
                 session.run(None, feed)
                 times[name].append(time.perf_counter() - started)
             del session
+    return times
+
+
+def measure(models: dict[str, Path], reference: str = "fp32", batch_size: int = 1, threads: int = 0,
+            warmup: int = 5, runs: int = 100, seed: int = 0, image_size: int = 224, blocks: int = 4) -> Latency:
+    """Latency of each model and its speedup over ``reference`` (a key of ``models``); ``runs`` timed runs per
+    model, in ``blocks`` alternating blocks."""
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
+    if runs < 1 or batch_size < 1 or blocks < 1:
+        raise ValueError("runs, blocks and batch_size must be >= 1")
+    batch = np.random.default_rng(seed).standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32)
+    times = time_blocks(models, batch, runs, threads=threads, warmup=warmup, blocks=blocks)
     ref = times[reference]
     result = Latency(
         batch_size=batch_size, threads=threads, runs=runs,
