@@ -56,6 +56,9 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
 }
+# Bumped when a method's ranges change for the same images, so calibrations cached by an older version are redone
+# (entropy 2: exact zeros left out, 256 levels for tensors that are never negative).
+METHOD_VERSIONS = {"minmax": 1, "percentile": 1, "entropy": 2}
 
 # Ops whose output holds exactly the values of their first input, rearranged.
 SAME_VALUES_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -190,7 +193,7 @@ class _MinMax:
 def _collector(method: str, percentile: float, num_bins: int):
     if method == "minmax":
         return _MinMax()
-    histogram = StreamingHistogram(num_bins)
+    histogram = StreamingHistogram(num_bins, count_zeros=method == "entropy")
     histogram.range = (lambda: histogram.percentile_range(percentile)) if method == "percentile" \
         else histogram.entropy_range
     return histogram

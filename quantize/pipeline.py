@@ -24,7 +24,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 from .accuracy_stages import AccuracyStages
 from .artifacts import atomic_path, file_sha256, key_of, read_json, write_json
-from .calibrate import calibrate, save_ranges
+from .calibrate import METHOD_VERSIONS, calibrate, save_ranges
 from .complexity import count_ops, count_parameters
 from .config import STAGES
 from .crop_cache import open_cache
@@ -272,6 +272,8 @@ class Pipeline(AccuracyStages):
         c = self.cfg.calib
         samples, root, image_list = self._calibration_samples()
         inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
+                  # only versions past 1 enter the key: cached calibrations of methods that never changed stay valid
+                  **({"method_version": METHOD_VERSIONS[c.method]} if METHOD_VERSIONS.get(c.method, 1) > 1 else {}),
                   "percentile": c.percentile if c.method == "percentile" else None,
                   "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
                   "images": _samples_digest(samples, root), "preprocess": self.preprocess.key(),

@@ -72,6 +72,25 @@ def test_entropy_clips_long_tails_but_keeps_the_bulk():
     assert 2.0 < hi < 40.0 and -40.0 < lo < -2.0
 
 
+def test_entropy_ignores_exact_zeros_of_a_relu_output():
+    """Half the values exactly zero (a ReLU output) must not pull the threshold into the bulk of the rest."""
+    rng = np.random.default_rng(4)
+    positive = rng.exponential(1.0, 100_000)
+    values = np.concatenate([np.zeros(150_000), positive]).astype(np.float32)
+    rng.shuffle(values)
+    whole = StreamingHistogram(count_zeros=True)
+    for chunk in np.array_split(values, 7):  # the zero count survives chunking and merging
+        part = StreamingHistogram(count_zeros=True)
+        part.add(chunk)
+        whole.merge(part)
+    assert whole.zeros == 150_000
+    lo, hi = whole.entropy_range()
+    assert lo == 0.0 and np.quantile(positive, 0.99) < hi <= values.max()
+    naive = StreamingHistogram()  # what the search does with the zeros in: most of the tail clipped away
+    naive.add(values)
+    assert naive.entropy_range(num_quantized_bins=128)[1] < np.quantile(positive, 0.9)
+
+
 def test_nan_is_refused():
     with pytest.raises(ValueError, match="NaN"):
         StreamingHistogram().add(np.array([1.0, np.nan], dtype=np.float32))
