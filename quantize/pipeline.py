@@ -25,7 +25,6 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from .accuracy_stages import AccuracyStages
 from .artifacts import atomic_path, file_sha256, key_of, read_json, write_json
 from .calibrate import METHOD_VERSIONS, calibrate, save_ranges
-from .complexity import count_ops, count_parameters
 from .config import STAGES
 from .crop_cache import open_cache
 from .data import Sample, balanced_subset, iter_batches, list_samples
@@ -235,7 +234,8 @@ class Pipeline(AccuracyStages):
                   "torch": metadata.version("torch")}
 
         def work(stage_dir: Path) -> dict[str, Any]:
-            from .models import build_model  # torch model code is only needed here
+            from .complexity import count_ops, count_parameters  # torch is only needed here (~470 MiB resident)
+            from .models import build_model
 
             model = build_model(m.arch, pretrained=m.pretrained, weights_url=m.weights_url,
                                 checkpoint=str(checkpoint) if checkpoint else None, num_classes=m.num_classes)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .complexity import count_ops, count_parameters
 from .config import ModelConfig
 
 CONF_MODELS = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -61,6 +60,7 @@ def entries(names: list[str] | None = None) -> list[ModelConfig]:
 
 
 def measure(entry: ModelConfig) -> Row:
+    from .complexity import count_ops, count_parameters  # torch: only when a row is measured
     from .models import build_model
 
     model = build_model(entry.arch, pretrained=False, num_classes=entry.num_classes)

@@ -1,5 +1,8 @@
 """Calibration: which tensors are measured, exactness of chunked statistics, and the evaluation workers."""
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -146,3 +149,11 @@ def test_evaluation_reports_decoding_as_a_stage(model_path, tmp_path):
     assert batches.stats.images == len(samples) and batches.stats.decode_seconds > 0
     assert set(result.stage_images_per_second) == {"decode", "input", "fp32", "int8"}
     assert all(rate > 0 for rate in result.stage_images_per_second.values())
+
+
+def test_stages_after_export_do_not_load_torch():
+    """torch holds ~470 MiB resident once imported: a run whose export is cached (or a BYO ONNX model) must not
+    import it, so calibration and evaluation run in the memory they need."""
+    code = ("import sys; import quantize.__main__, quantize.pipeline, quantize.release, quantize.sweep; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
