@@ -2,7 +2,8 @@
 
 A cache lives in ``<cache_dir>/<key>/``: ``crops.npy`` (uint8, N x 3 x crop x crop, one memory-mapped array),
 ``labels.npy`` (int64, N) and ``manifest.json``, written last. The key hashes the crop geometry and the ordered
-(image path relative to the dataset root, label) pairs. Only resize/crop enter the key: the crops do not depend
+(image path relative to the dataset root, label) pairs; the manifest also records a digest of the image files'
+sizes, so a cache of other files under the same names is found stale. Only resize/crop enter the key: the crops do not depend
 on mean/std, which are applied when batches are read, so models with other normalizations share a cache.
 
 Crops are written and read through short-lived memory-mapped windows of a few dozen images, never a mapping of
@@ -37,7 +38,7 @@ from quantize.data import Sample
 from quantize.errors import ConfigError, DataError
 from quantize.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
 
-FORMAT = "crop-cache/1"
+FORMAT = "crop-cache/2"  # 2: the manifest records a digest of the image files' sizes
 CROPS, LABELS, MANIFEST = "crops.npy", "labels.npy", "manifest.json"
 CHUNK = 64  # images per memory-mapped window while building (reading uses one window per batch)
 
@@ -75,6 +76,16 @@ def _pairs(samples: Sequence[Sample], root: str | Path) -> list[list[Any]]:
 
 def _list_sha256(pairs: list[list[Any]]) -> str:
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+
+
+def _sizes_sha256(samples: Sequence[Sample]) -> str:
+    """A digest of the image files' sizes: replacing images under the same names (another copy of the dataset,
+    re-encoded files) changes it, so the cache is found stale instead of serving the old crops."""
+    try:
+        sizes = [os.stat(s.path).st_size for s in samples]
+    except OSError as exc:
+        raise DataError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    return hashlib.sha256(np.asarray(sizes, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _key(pairs: list[list[Any]], p: Preprocess) -> str:
@@ -175,6 +186,7 @@ def build_cache(
         manifest = {
             "format": FORMAT, "key": key, "preprocess": crop_key(p), "count": len(samples),
             "shape": [len(samples), 3, p.crop, p.crop], "dtype": "uint8", "list_sha256": _list_sha256(pairs),
+            "image_sizes_sha256": _sizes_sha256(samples),
             "files": {CROPS: _file_entry(tmp / CROPS, crops_sha), LABELS: _file_entry(tmp / LABELS)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "root": str(Path(root).resolve()), "build_seconds": round(time.perf_counter() - started, 3),
@@ -246,6 +258,7 @@ def open_cache(
     expected = {
         "format": FORMAT, "key": path.name, "preprocess": crop_key(p), "count": len(samples),
         "shape": [len(samples), 3, p.crop, p.crop], "dtype": "uint8", "list_sha256": _list_sha256(pairs),
+        "image_sizes_sha256": _sizes_sha256(samples),
     }
     try:
         manifest = _read_manifest(path, expected)
@@ -270,6 +283,8 @@ def _read_manifest(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise _Problem(f"{MANIFEST} is not a JSON object")
     for field, want in expected.items():
+        if field == "image_sizes_sha256" and manifest.get(field) not in (None, want):
+            raise _Problem("the image files are not the ones it was built from (their sizes differ)")
         if manifest.get(field) != want:
             raise _Problem(f"manifest {field} is {_short(manifest.get(field))}, expected {_short(want)}")
     files = manifest.get("files")

@@ -127,6 +127,17 @@ def test_tampered_manifest(built):
     assert "no manifest.json" in stale(built)
 
 
+def test_replaced_images_make_the_cache_stale(built):
+    """Other image files under the same names (another copy of the dataset) must not be served the old crops."""
+    root, samples, path = built
+    image = samples[4].path
+    data = image.read_bytes()
+    image.write_bytes(data + b"\0" * 16)  # still a valid JPEG, different file
+    assert stale(built, verify=False) == "the image files are not the ones it was built from (their sizes differ)"
+    image.write_bytes(data)
+    assert open_cache(samples, root, SMALL, path.parent).path == path
+
+
 def test_truncated_crops(built):
     crops = built[2] / "crops.npy"
     crops.write_bytes(crops.read_bytes()[:-100])
