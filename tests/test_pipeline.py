@@ -158,7 +158,7 @@ def test_evaluation_reads_a_matching_crop_cache_instead_of_the_images(tmp_path):
     first = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a")), tmp_path / "r1").run()
     build_cache(list_samples(data), data, Preprocess(), tmp_path / "cache")
     for image in data.rglob("*.JPEG"):
-        image.write_bytes(b"not a jpeg")  # from now on only the cache can serve the evaluation
+        image.write_bytes(bytes(image.stat().st_size))  # not a JPEG any more: only the cache can serve the evaluation
     again = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", f"data.cache_dir={tmp_path / 'cache'}",
                                                    "stages=[evaluate,report]")), tmp_path / "r2").run()
     assert again["stages"]["evaluate"]["cached"] is False
