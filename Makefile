@@ -48,7 +48,8 @@ release: install
 	$(PY) -m quantize.release $(if $(MODELS),--models $(MODELS)) $(if $(DATA),data.root=$(DATA)) $(ARGS)
 
 ## bench [MODEL=<zoo entry>] [DATA=<imagenet val>] [BATCH=32] [ITERATIONS=50] [THREADS=0]: fp32 vs int8 latency at
-## batch 1 (p50/p90/p99) and throughput at BATCH, models timed in alternating blocks, one session alive at a time; JSON in benchmarks/results/<model>/bench.json.
+## batch 1 (p50/p90/p99) and throughput at BATCH, timed in alternating blocks with one session alive at a time;
+## JSON in benchmarks/results/<model>/bench.json.
 ## With DATA the pipeline runs first (cached stages are reused); without, the newest run in outputs/<model>/ is used.
 BATCH      ?= 32
 ITERATIONS ?= 50
