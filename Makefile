@@ -8,7 +8,7 @@ DATA   ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib
+.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,3 +69,12 @@ bench-calib: install
 	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) stages=[export] $(ARGS)
 	$(PY) -m quantize.bench_calib --model $(MODEL) --root $(DATA) --sizes $(SIZES) --rss-cap-gb $(RSS_CAP_GB) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_calib.json
+
+## bench-eval MODEL=<zoo entry> DATA=<image folder> [REPEAT=5]: images/s and the 50,000-image estimate of fp32 + int8
+## evaluation from JPEG and from a crop cache, and of int8 alone with the fp32 predictions reused; JSON in
+## benchmarks/results/<model>/bench_eval.json. Runs the pipeline first (cached stages are reused).
+REPEAT ?= 5
+bench-eval: install
+	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS)
+	$(PY) -m quantize.bench_eval --model $(MODEL) --root $(DATA) --repeat $(REPEAT) --batch $(BATCH) \
+		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_eval.json

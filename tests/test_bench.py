@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import write_tiny_imagenet
-from quantize import bench, bench_calib
+from quantize import bench, bench_calib, bench_eval
 from quantize.export import export_onnx
 
 
@@ -81,3 +81,23 @@ def test_a_failing_run_is_reported(tmp_path):
             "root": str(tmp_path / "nowhere"), "threads": 1, "with_torch": False}
     record = bench_calib.run_one(spec, rss_cap_gb=4, timeout=120)
     assert record["status"] == "failed" and record["reason"].startswith("exit code")
+
+
+def test_bench_eval_times_jpeg_and_cache_with_and_without_fp32(fp32, tmp_path):
+    root = write_tiny_imagenet(tmp_path / "images", per_class=2)
+    out = tmp_path / "bench_eval.json"
+    assert bench_eval.main(["--fp32", str(fp32), "--int8", str(fp32), "--root", str(root), "--repeat", "2",
+                            "--batch", "3", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                            "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schema"] == bench_eval.SCHEMA
+    runs = {r["run"]: r for r in result["runs"]}
+    assert list(runs) == ["jpeg fp32+int8", "jpeg int8, fp32 reused", "cache fp32+int8", "cache int8, fp32 reused"]
+    images = 2 * result["distinct_images"]
+    assert all(r["images"] == images and r["minutes_for_50000"] > 0 for r in runs.values())
+    assert set(runs["jpeg fp32+int8"]["stage_images_per_second"]) == {"decode", "input", "fp32", "int8"}
+    assert set(runs["cache int8, fp32 reused"]["stage_images_per_second"]) == {"input", "int8"}
+    # the same model on both sides: every run agrees fully, whether fp32 ran or was reused
+    assert all(r["agreement_top1"] == 100.0 for r in runs.values())
+    assert len({json.dumps(r["top1"], sort_keys=True) for r in runs.values()}) == 1
+    assert any((tmp_path / "cache").iterdir())
