@@ -88,12 +88,17 @@ class RangePlan:
 
 
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
-    """Float tensors that feed or leave a node, excluding weights: what ONNX Runtime's quantizer asks ranges for."""
+    """Float tensors that feed or leave a node, excluding weights: what ONNX Runtime's quantizer asks ranges for.
+    A tensor computed from weights alone (a weight passed through Identity, as the TorchScript exporter writes
+    shared weights) is a weight too: it has no batch dimension to measure over."""
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
-    weights = {init.name for init in graph.initializer}
+    weights = {init.name for init in graph.initializer} - {i.name for i in graph.input}
+    for node in graph.node:  # topological order, as ONNX requires
+        if all(name in weights for name in node.input if name):
+            weights.update(name for name in node.output if name)
     names: dict[str, None] = {}
     for node in graph.node:
         for name in list(node.input) + list(node.output):

@@ -157,3 +157,24 @@ def test_stages_after_export_do_not_load_torch():
     code = ("import sys; import quantize.__main__, quantize.pipeline, quantize.release, quantize.sweep; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_a_weight_passed_through_identity_is_not_an_activation(tmp_path):
+    """The TorchScript exporter writes a shared weight as Identity(weight): a constant, never measured."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_shared"]),
+         helper.make_node("Conv", ["input", "w_shared"], ["features"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["features"], ["logits"])],
+        "shared", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 8, 8])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    assert activation_tensors(model) == ["input", "features", "logits"]
+    path = tmp_path / "shared.onnx"
+    onnx.save(model, str(path))
+    images = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    calibration = calibrate(path, [images], method="percentile", optimize_graph=False)
+    assert set(calibration.ranges) == {"input", "features", "logits"}
