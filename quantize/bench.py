@@ -123,12 +123,41 @@ def models_of_run(model: str, outputs: Path = Path("outputs")) -> dict[str, Path
                         f"first (make quantize MODEL={model} DATA=...) or pass --fp32 and --int8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quantize.bench", description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--fp32/--int8, or --model (+ --outputs): how the benchmark commands name the two models."""
     parser.add_argument("--fp32", type=Path)
     parser.add_argument("--int8", type=Path)
     parser.add_argument("--model", help="take --fp32/--int8 from the newest run of this zoo entry in --outputs")
     parser.add_argument("--outputs", type=Path, default=Path("outputs"))
+
+
+def chosen_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Path]:
+    """The fp32 and int8 paths ``add_model_arguments`` asked for; QuantizeError when one is missing."""
+    if args.fp32 and args.int8:
+        models = {"fp32": args.fp32, "int8": args.int8}
+    elif args.model:
+        models = models_of_run(args.model, args.outputs)
+    else:
+        parser.error("give --fp32 and --int8, or --model")
+    for name, path in models.items():
+        if not Path(path).is_file():
+            raise QuantizeError(f"--{name} {path} does not exist")
+    return models
+
+
+def emit(result: dict[str, Any], model: str | None, out: Path | None, as_table) -> int:
+    """Name the model in ``result``, write it as JSON to ``out`` (atomically) and print its table."""
+    if model:
+        result["model"] = model
+    if out:
+        write_text(out, json.dumps(result, indent=2) + "\n")
+    print(as_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantize.bench", description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=32, help="batch of the throughput measurement")
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs at the start of each block")
@@ -140,15 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args(argv)
     try:
-        if args.fp32 and args.int8:
-            models = {"fp32": args.fp32, "int8": args.int8}
-        elif args.model:
-            models = models_of_run(args.model, args.outputs)
-        else:
-            parser.error("give --fp32 and --int8, or --model")
-        for name, path in models.items():
-            if not Path(path).is_file():
-                raise QuantizeError(f"--{name} {path} does not exist")
+        models = chosen_models(args, parser)
         with tempfile.TemporaryDirectory(prefix="bench.") as scratch:
             if args.with_rewritten_fp32:
                 import onnx
@@ -162,12 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.model:
-        result["model"] = args.model
-    if args.out:
-        write_text(args.out, json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    return 0
+    return emit(result, args.model, args.out, table)
 
 
 if __name__ == "__main__":

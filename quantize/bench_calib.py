@@ -215,14 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.onnx, args.root, [int(s) for s in split(args.sizes)], split(args.methods),
                  split(args.stock_methods), args.rss_cap_gb, args.timeout, args.threads, not args.without_torch,
                  progress=lambda r: print(f"  {r['path']} {r['method']} {r['images']}: {r['status']}", file=sys.stderr))
-    if args.model:
-        result["model"] = args.model
-    if args.out:
-        from .artifacts import write_text
+    from .bench import emit
 
-        write_text(args.out, json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    return 0
+    return emit(result, args.model, args.out, table)
 
 
 if __name__ == "__main__":

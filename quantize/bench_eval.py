@@ -13,14 +13,12 @@ a crop cache built first in ``--cache-dir``. Each run reports images/s overall a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_text
-from .bench import _version, models_of_run
+from .bench import _version, add_model_arguments, chosen_models, emit
 from .crop_cache import build_cache, open_cache
 from .data import iter_batches, list_samples
 from .errors import QuantizeError
@@ -97,10 +95,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantize.bench_eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fp32", type=Path)
-    parser.add_argument("--int8", type=Path)
-    parser.add_argument("--model", help="take --fp32/--int8 from the newest run of this zoo entry in --outputs")
-    parser.add_argument("--outputs", type=Path, default=Path("outputs"))
+    add_model_arguments(parser)
     parser.add_argument("--root", type=Path, required=True, help="an image folder (synset folders or flat + labels)")
     parser.add_argument("--cache-dir", type=Path, help="where the crop cache is built (default: a temporary folder)")
     parser.add_argument("--repeat", type=int, default=5)
@@ -109,27 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args(argv)
     try:
-        if args.fp32 and args.int8:
-            models = {"fp32": args.fp32, "int8": args.int8}
-        elif args.model:
-            models = models_of_run(args.model, args.outputs)
-        else:
-            parser.error("give --fp32 and --int8, or --model")
-        for name, path in models.items():
-            if not Path(path).is_file():
-                raise QuantizeError(f"--{name} {path} does not exist")
+        models = chosen_models(args, parser)
         with tempfile.TemporaryDirectory(prefix="bench-eval.") as scratch:
             result = run(models, args.root, args.cache_dir or Path(scratch), repeat=args.repeat, batch=args.batch,
                          threads=args.threads)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.model:
-        result["model"] = args.model
-    if args.out:
-        write_text(args.out, json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    return 0
+    return emit(result, args.model, args.out, table)
 
 
 if __name__ == "__main__":
