@@ -109,8 +109,10 @@ def _load_predictions(directory: Path, num_images: int) -> np.ndarray | None:
     if not (directory / "record.json").exists():
         return None
     try:
+        if read_json(directory / "record.json").get("sha256") != file_sha256(directory / PREDICTIONS):
+            raise ValueError(f"{PREDICTIONS} differs from the sha256 in record.json")
         top = np.load(directory / PREDICTIONS, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:
         log.warning("evaluate: ignoring unreadable fp32 predictions in %s (%s)", directory, exc)
         return None
     if top.ndim != 2 or len(top) != num_images:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -108,7 +109,9 @@ def test_fp32_predictions_are_reused_only_for_the_same_model_and_images(tmp_path
 
     # a damaged copy is recomputed, not trusted; a forced evaluation recomputes fp32 as well
     for saved in (tmp_path / "a" / "shufflenet_v2_x0_5").glob("fp32-predictions-*/top5.npy"):
-        saved.write_bytes(b"not an array")
+        top = np.load(saved)
+        top[:, 0] = (top[:, 0] + 1) % 1000  # still a valid array of the right shape, but wrong
+        np.save(saved, top)
     damaged = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib.percentile=99.8")),
                        tmp_path / "r4").run()
     assert not damaged["eval"]["fp32_reused"] and damaged["fp32"] == first["fp32"]
