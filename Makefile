@@ -29,7 +29,7 @@ test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf artifacts outputs multirun .pytest_cache
+	rm -rf artifacts outputs multirun release .pytest_cache
 
 ## calib-set [N=1000] [SEED=0] [GROUND_TRUTH=val_synsets.txt or val_label.txt]: write calib_lists/ilsvrc2012_val_<N>[_seed<S>].txt
 N ?= 1000
@@ -40,12 +40,12 @@ calib-set: install
 
 ## zoo-table: params and compute of every zoo entry next to the published table (exit 1 when a row is off)
 zoo-table: install
-	$(PY) -m quantize.zoo
+	$(PY) -m quantize.models.zoo
 
 ## release [MODELS=a,b] DATA=<imagenet val> [ARGS='key=value ...']: release/<model>/ and release/SUMMARY.md
 MODELS ?=
 release: install
-	$(PY) -m quantize.release $(if $(MODELS),--models $(MODELS)) $(if $(DATA),data.root=$(DATA)) $(ARGS)
+	$(PY) -m quantize.jobs.release $(if $(MODELS),--models $(MODELS)) $(if $(DATA),data.root=$(DATA)) $(ARGS)
 
 ## bench [MODEL=<zoo entry>] [DATA=<imagenet val>] [BATCH=32] [ITERATIONS=50] [THREADS=0]: fp32 vs int8 latency at
 ## batch 1 (p50/p90/p99) and throughput at BATCH, timed in alternating blocks with one session alive at a time;
@@ -57,7 +57,7 @@ THREADS    ?= 0
 BENCH_DIR  ?= benchmarks/results
 bench: install
 	$(if $(DATA),$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS) &&) \
-	$(PY) -m quantize.bench --model $(MODEL) --batch $(BATCH) --iterations $(ITERATIONS) --threads $(THREADS) \
+	$(PY) -m quantize.bench.latency --model $(MODEL) --batch $(BATCH) --iterations $(ITERATIONS) --threads $(THREADS) \
 		--out $(BENCH_DIR)/$(MODEL)/bench.json
 
 ## bench-calib MODEL=<zoo entry> DATA=<image folder> [SIZES=250,500,1000] [RSS_CAP_GB=12]: peak RSS and time of this
@@ -67,7 +67,7 @@ SIZES      ?= 250,500,1000
 RSS_CAP_GB ?= 12
 bench-calib: install
 	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) stages=[export] $(ARGS)
-	$(PY) -m quantize.bench_calib --model $(MODEL) --root $(DATA) --sizes $(SIZES) --rss-cap-gb $(RSS_CAP_GB) \
+	$(PY) -m quantize.bench.calibration --model $(MODEL) --root $(DATA) --sizes $(SIZES) --rss-cap-gb $(RSS_CAP_GB) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_calib.json
 
 ## bench-eval MODEL=<zoo entry> DATA=<image folder> [REPEAT=5]: images/s and the 50,000-image estimate of fp32 + int8
@@ -76,5 +76,5 @@ bench-calib: install
 REPEAT ?= 5
 bench-eval: install
 	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS)
-	$(PY) -m quantize.bench_eval --model $(MODEL) --root $(DATA) --repeat $(REPEAT) --batch $(BATCH) \
+	$(PY) -m quantize.bench.evaluation --model $(MODEL) --root $(DATA) --repeat $(REPEAT) --batch $(BATCH) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_eval.json

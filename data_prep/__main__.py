@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from quantize.errors import QuantizeError
+from quantize.core.errors import QuantizeError
 
 COMMANDS = ["calib_set", "labels", "class_names", "sort_val", "cache"]
 

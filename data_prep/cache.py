@@ -7,11 +7,11 @@ import os
 import time
 from pathlib import Path
 
-from quantize.crop_cache import CropCache, StaleCacheError, build_cache, cache_key, open_cache
-from quantize.data import Sample, balanced_subset, list_samples
-from quantize.errors import DataError
-from quantize.image_list import samples_from_list
-from quantize.preprocess import Preprocess
+from quantize.data.crop_cache import CropCache, StaleCacheError, build_cache, cache_key, open_cache
+from quantize.data.samples import Sample, balanced_subset, list_samples
+from quantize.core.errors import DataError
+from quantize.data.image_list import samples_from_list
+from quantize.data.preprocess import Preprocess
 
 _MIB = 1 << 20
 

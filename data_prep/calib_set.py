@@ -3,7 +3,7 @@
 Rule (seeded, deterministic): images of each class are sorted by name and shuffled with
 ``numpy.random.default_rng([seed, class])``; the list takes ``N // 1000`` images from every class (the first
 ones of that order) and, when ``N`` is not a multiple of 1000, one more from ``N % 1000`` classes picked by a
-seeded permutation of the classes (see ``quantize.data.balanced_subset``). Lines are ``<image name> <class>``,
+seeded permutation of the classes (see ``quantize.data.samples.balanced_subset``). Lines are ``<image name> <class>``,
 sorted by name.
 """
 
@@ -14,10 +14,10 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from data_prep.labels import _read_lines, read_synset_ground_truth, val_image_name
-from quantize.artifacts import write_text
-from quantize.data import NUM_CLASSES, Sample, balanced_subset, load_synsets, read_labels_file
-from quantize.errors import ConfigError, DataError, examples
+from data_prep.labels import read_lines, read_synset_ground_truth, val_image_name
+from quantize.core.artifacts import write_text
+from quantize.data.samples import NUM_CLASSES, Sample, balanced_subset, load_synsets, read_labels_file
+from quantize.core.errors import ConfigError, DataError, examples
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def read_ground_truth(path: Path, synsets: list[str] | None = None) -> list[tupl
     """(image name, class) pairs from a synset-per-line ground truth (line i = synset of val image i) or from a
     labels file (``name class`` or ``name synset`` per line)."""
     synsets = synsets or load_synsets()
-    first = next((line.split() for line in _read_lines(path, "ground truth") if line.strip()), [])
+    first = next((line.split() for line in read_lines(path, "ground truth") if line.strip()), [])
     if len(first) != 1:
         return list(read_labels_file(path, synsets).items())
     class_of = {s: i for i, s in enumerate(synsets)}

@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from quantize.artifacts import write_text
-from quantize.data import SYNSETS_FILE, load_synsets
-from quantize.errors import DataError, examples
+from quantize.core.artifacts import write_text
+from quantize.data.samples import SYNSETS_FILE, load_synsets
+from quantize.core.errors import DataError, examples
 
 log = logging.getLogger(__name__)
 

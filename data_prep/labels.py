@@ -17,9 +17,9 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from quantize.artifacts import write_text
-from quantize.data import NUM_CLASSES, SYNSETS_FILE, load_synsets
-from quantize.errors import DataError, examples
+from quantize.core.artifacts import write_text
+from quantize.data.samples import NUM_CLASSES, SYNSETS_FILE, load_synsets
+from quantize.core.errors import DataError, examples
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def val_image_name(number: int) -> str:
     return f"ILSVRC2012_val_{number:08d}.JPEG"
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
+def read_lines(path: Path, what: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -51,7 +51,7 @@ def _parse_per_line(path: Path, what: str, parse: Callable[[str], tuple[object, 
     """
     values = []
     problems: dict[str, list[str]] = {}
-    for number, line in enumerate(_read_lines(path, what), 1):
+    for number, line in enumerate(read_lines(path, what), 1):
         tokens = line.split()
         if len(tokens) != 1:
             kind = "left blank" if not tokens else "with several tokens (expected one)"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quantize.artifacts import atomic_path
-from quantize.data import load_synsets, read_labels_file
-from quantize.errors import DataError, examples
+from quantize.core.artifacts import atomic_path
+from quantize.data.samples import load_synsets, read_labels_file
+from quantize.core.errors import DataError, examples
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import register_configs
-from .errors import QuantizeError
+from quantize.config import register_configs
+from quantize.core.errors import QuantizeError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -40,7 +40,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run(cfg: DictConfig) -> None:
-    from .pipeline import Pipeline  # heavy imports after Hydra has parsed the command line
+    from quantize.pipeline.runner import Pipeline  # heavy imports after Hydra has parsed the command line
 
     try:
         Pipeline(cfg, Path(HydraConfig.get().runtime.output_dir)).run()

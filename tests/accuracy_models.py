@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantize.calibrate import Calibration, save_ranges
-from quantize.sensitivity import expose, plain_session
+from quantize.stages.calibrate import Calibration, save_ranges
+from quantize.accuracy.sensitivity import expose, plain_session
 
 OPSET = [helper.make_opsetid("", 13)]
 

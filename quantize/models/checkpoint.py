@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize.errors import ModelError, examples, one_line
+from quantize.core.errors import ModelError, examples, one_line
 from quantize.models.pdparams import is_pdparams, load_pdparams_tensors
 
 __all__ = ["extract_state_dict", "load_into", "load_state_dict_file"]
@@ -24,7 +24,7 @@ _WRAPPER_KEYS = ("state_dict", "model")
 _MAX_LISTED = 5
 
 
-def _unpickler_detail(message: str) -> str | None:
+def unpickler_detail(message: str) -> str | None:
     """The one informative sentence of torch's multi-paragraph weights_only refusal, or None if it is not one."""
     if "Weights only load failed" not in message and "WeightsUnpickler" not in message:
         return None
@@ -73,7 +73,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refusals come through here (and also some plain corruptions).
-        detail = _unpickler_detail(str(exc))
+        detail = unpickler_detail(str(exc))
         if detail is not None:
             raise ModelError(
                 f"refusing to load {desc}: it holds Python objects other than tensors, which weights_only loading "

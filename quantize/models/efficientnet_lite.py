@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantize.errors import ModelError
-from quantize.models import register
+from quantize.core.errors import ModelError
+from quantize.models.spec import register
 
 __all__ = ["EfficientNetLite", "LITE0_STAGES", "efficientnet_lite0", "packaged_lite0_weights", "tf_same_padding"]
 

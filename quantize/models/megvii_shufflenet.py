@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantize.errors import ModelError
-from quantize.models import register
+from quantize.core.errors import ModelError
+from quantize.models.spec import register
 
 __all__ = ["MEGVII_DOWNLOAD", "MegviiShuffleNetV2", "NormalizedRGBToBGR255", "ShuffleV2Block", "strip_module_prefix"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantize.models import register
+from quantize.models.spec import register
 
 __all__ = [
     "MMCLS_WEIGHTS",

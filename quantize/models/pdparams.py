@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantize.errors import ModelError, examples, one_line
+from quantize.core.errors import ModelError, examples, one_line
 
 __all__ = ["NAME_TABLE_KEY", "PDPARAMS_SUFFIX", "is_pdparams", "load_pdparams", "load_pdparams_tensors"]
 

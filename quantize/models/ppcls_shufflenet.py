@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantize.errors import ModelError
-from quantize.models import register
+from quantize.core.errors import ModelError
+from quantize.models.spec import register
 from quantize.models.checkpoint import describe_key_mismatch
 
 __all__ = [

@@ -7,8 +7,8 @@ from typing import Any
 import torchvision
 from torch import nn
 
-from quantize.errors import ModelError
-from quantize.models import register
+from quantize.core.errors import ModelError
+from quantize.models.spec import register
 
 __all__ = ["TORCHVISION_WEIGHTS"]
 
@@ -56,7 +56,7 @@ for _arch in _SHUFFLENETS:
 
 def any_torchvision_classifier(name: str):
     """A registry entry for any torchvision ImageNet classification model, by its builder name."""
-    from quantize.models import ArchSpec
+    from quantize.models.spec import ArchSpec
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:

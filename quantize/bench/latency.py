@@ -1,0 +1,190 @@
+"""Inference benchmark of an fp32 and an int8 model (the vendor ``vamp`` equivalent).
+
+    python -m quantize.bench.latency --fp32 A.onnx --int8 B.onnx [--batch 32] [--iterations 50] [--threads 2] [--out b.json]
+    python -m quantize.bench.latency --model shufflenet_v2_x1_0      # the models of the newest run in outputs/<model>/
+
+Two measurements, each timed by ``quantize.stages.speed.time_blocks``: per model, alternating blocks of runs (fp32, int8,
+fp32, int8, ...) so that a change of load on a shared machine slows both alike, with only the timed model's session
+alive (ONNX Runtime's idle threads of another session would spin on the cores and slow it):
+
+- latency at batch 1: ``--iterations`` single-image runs per model; p50/p90/p99/mean milliseconds;
+- throughput at ``--batch``: ``--iterations`` batches per model (5 to 20); images per second from the median batch.
+
+The speedup of each is the ratio of the medians: fp32 time / int8 time (>1: int8 is faster).
+Sessions are made as the evaluate stage makes them (all graph optimizations, ``--threads`` intra-op threads).
+The result is written as JSON (``--out``) and printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantize.core.artifacts import write_text
+from quantize.core.errors import QuantizeError
+from quantize.core.runtime import cpu_name
+from quantize.stages.speed import time_blocks
+
+SCHEMA = "quantize-bench/1"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _speedup(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    return {name: statistics.median(times[reference]) / statistics.median(own)
+            for name, own in times.items() if name != reference}
+
+
+def run(models: dict[str, Path], batch: int = 32, iterations: int = 50, threads: int = 0, warmup: int = 3,
+        image_size: int = 224, reference: str = "fp32", seed: int = 0, blocks: int = 4) -> dict[str, Any]:
+    """Latency percentiles at batch 1 and throughput at ``batch`` for each model, as a JSON-able dict."""
+    if iterations < 1 or batch < 1:
+        raise QuantizeError("--iterations and --batch must be at least 1")
+    rng = np.random.default_rng(seed)
+    single = rng.normal(size=(1, 3, image_size, image_size)).astype(np.float32)
+    latency = time_blocks(models, single, iterations, threads=threads, warmup=warmup, blocks=blocks)
+    batched = rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
+    rounds = max(5, min(iterations, 20)) if batch > 1 else iterations
+    throughput = time_blocks(models, batched, rounds, threads=threads, warmup=max(1, warmup // 2), blocks=blocks)
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "onnxruntime": package_version("onnxruntime")},
+        "threads": threads, "reference": reference, "blocks": blocks,
+        "models": {name: {"path": str(path), "bytes": Path(path).stat().st_size} for name, path in models.items()},
+        "latency": {"batch": 1, "iterations": iterations, "models": {}},
+        "throughput": {"batch": batch, "iterations": rounds, "models": {}},
+    }
+    for name, values in latency.items():
+        ms = [v * 1e3 for v in values]
+        result["latency"]["models"][name] = {"p50_ms": _percentile(ms, 50), "p90_ms": _percentile(ms, 90),
+                                             "p99_ms": _percentile(ms, 99), "mean_ms": float(np.mean(ms)),
+                                             "min_ms": float(np.min(ms))}
+    for name, values in throughput.items():
+        median = statistics.median(values)
+        result["throughput"]["models"][name] = {"images_per_second": batch / median,
+                                                "batch_ms_p50": median * 1e3, "batch_ms_min": min(values) * 1e3}
+    if reference in models and len(models) > 1:
+        result["latency"]["speedup_p50"] = _speedup(latency, reference)
+        result["throughput"]["speedup"] = _speedup(throughput, reference)
+    return result
+
+
+def package_version(package: str) -> str:
+    try:
+        from importlib import metadata
+        return metadata.version(package)
+    except Exception:  # not installed
+        return "unknown"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result as a Markdown table."""
+    lat, thr = result["latency"], result["throughput"]
+    ref = result["reference"]
+    lines = [f"{result['machine']['cpu']}, {result['machine']['cores']} cores, onnxruntime "
+             f"{result['machine']['onnxruntime']}, {result['threads'] or 'all'} threads",
+             "",
+             f"| model | b1 p50 ms | b1 p90 ms | b1 p99 ms | b{thr['batch']} images/s | speedup b1 | speedup b{thr['batch']} |",
+             "|---|---|---|---|---|---|---|"]
+    for name, stats in lat["models"].items():
+        rate = thr["models"][name]["images_per_second"]
+        s1 = lat.get("speedup_p50", {}).get(name)
+        sb = thr.get("speedup", {}).get(name)
+        lines.append(f"| {name} | {stats['p50_ms']:.2f} | {stats['p90_ms']:.2f} | {stats['p99_ms']:.2f} | {rate:.1f} | "
+                     f"{'—' if name == ref or s1 is None else f'{s1:.2f}x'} | "
+                     f"{'—' if name == ref or sb is None else f'{sb:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def models_of_run(model: str, outputs: Path = Path("outputs")) -> dict[str, Path]:
+    """fp32 and int8 ONNX paths recorded in the newest report of ``model`` under ``outputs/<model>/``."""
+    reports = sorted((outputs / model).glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    for report in reversed(reports):
+        try:
+            onnx_paths = json.loads(report.read_text())["onnx"]
+            fp32, int8 = Path(onnx_paths["fp32_path"]), Path(onnx_paths["int8_path"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if fp32.is_file() and int8.is_file():
+            return {"fp32": fp32, "int8": int8}
+    raise QuantizeError(f"no run of {model} with both ONNX models on disk under {outputs / model}/; run the pipeline "
+                        f"first (make quantize MODEL={model} DATA=...) or pass --fp32 and --int8")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--fp32/--int8, or --model (+ --outputs): how the benchmark commands name the two models."""
+    parser.add_argument("--fp32", type=Path)
+    parser.add_argument("--int8", type=Path)
+    parser.add_argument("--model", help="take --fp32/--int8 from the newest run of this zoo entry in --outputs")
+    parser.add_argument("--outputs", type=Path, default=Path("outputs"))
+
+
+def chosen_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Path]:
+    """The fp32 and int8 paths ``add_model_arguments`` asked for; QuantizeError when one is missing."""
+    if args.fp32 and args.int8:
+        models = {"fp32": args.fp32, "int8": args.int8}
+    elif args.model:
+        models = models_of_run(args.model, args.outputs)
+    else:
+        parser.error("give --fp32 and --int8, or --model")
+    for name, path in models.items():
+        if not Path(path).is_file():
+            raise QuantizeError(f"--{name} {path} does not exist")
+    return models
+
+
+def emit(result: dict[str, Any], model: str | None, out: Path | None, as_table) -> int:
+    """Name the model in ``result``, write it as JSON to ``out`` (atomically) and print its table."""
+    if model:
+        result["model"] = model
+    if out:
+        write_text(out, json.dumps(result, indent=2) + "\n")
+    print(as_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantize.bench.latency", description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--batch", type=int, default=32, help="batch of the throughput measurement")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs at the start of each block")
+    parser.add_argument("--blocks", type=int, default=4, help="alternating blocks the runs of each model are split in")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: every core)")
+    parser.add_argument("--with-rewritten-fp32", action="store_true",
+                        help="also time the fp32 model after graph_opt's exact rewrites (how much of the int8 "
+                             "speedup the rewrites alone give)")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        models = chosen_models(args, parser)
+        with tempfile.TemporaryDirectory(prefix="bench.") as scratch:
+            if args.with_rewritten_fp32:
+                import onnx
+
+                from quantize.graph.optimize import optimize
+                rewritten = Path(scratch) / "fp32.rewritten.onnx"
+                onnx.save(optimize(onnx.load(str(models["fp32"])))[0], str(rewritten))
+                models["fp32_rewritten"] = rewritten
+            result = run(models, batch=args.batch, iterations=args.iterations, threads=args.threads,
+                         warmup=args.warmup, blocks=args.blocks)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return emit(result, args.model, args.out, table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

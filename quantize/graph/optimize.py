@@ -1,0 +1,60 @@
+"""fp32-exact graph rewrites applied before calibration and quantization.
+
+The TorchScript exporter leaves work in the graph that ONNX Runtime's int8 path handles badly:
+
+- shape arithmetic (``Shape -> Gather -> Div -> Cast -> Unsqueeze -> Concat -> Reshape``, ``Slice`` bounds computed
+  from ``Shape``) that exists only because the batch is dynamic. It keeps every data-movement op in float between
+  DequantizeLinear/QuantizeLinear pairs and stops layout optimizations. All of it is folded to constants here; a
+  dimension that really is the dynamic batch becomes ``0`` (copy the input dimension) or ``-1`` in Reshape.
+- ``Constant`` nodes, which the quantizer takes for activations (a ``Pad`` value got its own QuantizeLinear);
+  they become initializers. ``Identity`` nodes on weights (the exporter deduplicates equal biases, for example
+  the all-zero biases of a randomly initialised network, through Identity) stop ONNX Runtime from fusing
+  DequantizeLinear -> Conv -> QuantizeLinear; they are removed.
+- an explicit zero ``Pad`` before a ``Conv`` (TensorFlow "same" padding), which has no int8 kernel fused with the
+  convolution: it is folded into the convolution's own ``pads``.
+- the ShuffleNet channel shuffle followed by the split of the next unit (Reshape -> Transpose(5-D) -> Reshape -> two
+  Slices): a fixed permutation of channels, which ONNX Runtime can only run in the channels-first layout, so every
+  unit of the int8 model went channels-last -> first -> last through Transposes around it. ``channel_shuffle`` tracks
+  where every channel comes from through the Concats, shuffles and Slices, and has each reader take its channels
+  straight from the tensors that computed them: one Split per such tensor and one Concat per reader, in an order
+  a convolution absorbs by permuting its weights (a depthwise convolution passes the order on to the convolutions
+  after it). Split and Concat on channels run channels-last, so the int8 model keeps one layout end to end.
+
+Every rewrite keeps the fp32 function exactly (tests compare the rewritten and original models' outputs).
+Tensor names of activations that survive are kept, so ranges computed on the rewritten graph name the same tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from quantize.graph.channel_shuffle import rewrite_channel_dataflow, rewrite_channel_shuffles
+from quantize.graph.constant_folding import fold_constants
+from quantize.graph.onnx_graph import Graph, Report, constants_to_initializers, remove_dead, remove_identities
+from quantize.graph.pad_folding import fold_pads_into_convs
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever a rewrite changes which tensors exist or what they hold: calibration ranges computed on the
+# graph of one version name the tensors of that version.
+VERSION = 1
+
+
+def optimize(model: onnx.ModelProto, shuffle: bool = True) -> tuple[onnx.ModelProto, Report]:
+    """The rewritten model (a copy) and what was done."""
+    g = Graph(model)
+    report = Report()
+    constants_to_initializers(g, report)
+    remove_identities(g, report)
+    fold_constants(g, report)
+    fold_pads_into_convs(g, report)
+    if shuffle:
+        rewrite_channel_shuffles(g, report)
+        remove_dead(g)
+        rewrite_channel_dataflow(g, report)
+    remove_dead(g)
+    out = g.to_model()
+    onnx.checker.check_model(out)
+    return out, report

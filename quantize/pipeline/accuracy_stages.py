@@ -1,0 +1,294 @@
+"""The pipeline's accuracy stages: equalize, refine (GPTQ, bias correction), budget, sensitivity, speed.
+
+A mixin of :class:`quantize.pipeline.runner.Pipeline`, so each stage is cached like the others (``_stage``: a directory
+keyed by everything the stage reads, ``record.json`` written last). None of them runs with the default config:
+
+- ``equalize`` (``quant.equalize``): an equalized fp32 copy that calibration and quantization read instead of the
+  export;
+- ``refine`` (``quant.weight_rounding=gptq``, ``quant.bias_correction``): the quantized model with GPTQ-rounded
+  weights and corrected biases;
+- ``budget`` (``quant.max_drop``): nodes kept in fp32 until the drop on a tuning subset fits;
+- ``sensitivity`` (``analysis.sensitivity``, or with a budget): per-tensor SQNR of the final int8 model, a table
+  and a PNG;
+- ``speed`` (``analysis.speed``, or with a budget): int8 / fp32 latency, measured once per model pair and machine.
+
+The fp32 model that evaluation compares against is always the export.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from quantize.accuracy.budget import TuneSet, rank_candidates, search
+from quantize.core.artifacts import file_sha256, write_json
+from quantize.data.samples import Sample, balanced_subset, samples_digest
+from quantize.accuracy.equalize import equalize
+from quantize.core.errors import ConfigError
+from quantize.pipeline.plots import sqnr_bars
+from quantize.accuracy.refine import WEIGHT_ROUNDING, refine, transfer
+from quantize.accuracy.sensitivity import analyze, render_table
+from quantize.stages.speed import cpu_name, measure
+from quantize.stages.static_quant import quantize_model
+
+log = logging.getLogger(__name__)
+
+# Bumped when a stage's algorithm changes what it writes, so cached results of an older version are not reused.
+VERSIONS = {"equalize": 1, "refine": 2, "budget": 2, "sensitivity": 2, "speed": 4}
+
+
+class AccuracyStages:
+    # --- switches ---------------------------------------------------------------------------------------------
+    def _refining(self) -> bool:
+        q = self.cfg.quant
+        if q.weight_rounding not in WEIGHT_ROUNDING:
+            raise ConfigError(f"quant.weight_rounding={q.weight_rounding!r} is not one of {', '.join(WEIGHT_ROUNDING)}")
+        return q.weight_rounding != "nearest" or bool(q.bias_correction)
+
+    def _budgeted(self) -> bool:
+        return self.cfg.quant.max_drop is not None
+
+    # --- which models the stages read -------------------------------------------------------------------------
+    def quant_source(self) -> dict[str, Any]:
+        """The fp32 record that calibration and quantization read: the export, or its equalized copy."""
+        if self.cfg.quant.equalize:
+            return self.records.get("equalize") or self.equalize()
+        return self.records.get("export") or self.export()
+
+    def final_int8(self) -> dict[str, Any]:
+        """The int8 record evaluated and reported: after the budget, else after refinement, else as quantized."""
+        if self._budgeted():
+            return self.records.get("budget") or self.budget()
+        if self._refining():
+            return self.records.get("refine") or self.refine()
+        return self.records.get("quantize") or self.quantize()
+
+    def _quant_options(self, extra_excluded: list[str] | None = None) -> dict[str, Any]:
+        q = self.cfg.quant
+        return dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
+                    per_channel=q.per_channel, reduce_range=q.reduce_range, opset=q.opset,
+                    op_types=list(q.op_types) if q.op_types else None,
+                    nodes_to_exclude=list(q.nodes_to_exclude) + list(extra_excluded or []))
+
+    # --- images ----------------------------------------------------------------------------------------------
+    def _calibration_subset(self, n: int | None) -> tuple[list[Sample], Path]:
+        samples, root, _ = self._calibration_samples()
+        if n is not None and n < len(samples):
+            samples = balanced_subset(samples, n, seed=self.cfg.calib.seed)
+        return samples, root
+
+    def tune_samples(self) -> tuple[list[Sample], Path]:
+        """The budget's tuning subset: class-balanced from the calibration images."""
+        n = self.cfg.quant.tune_images
+        if n < 1:
+            raise ConfigError(f"quant.tune_images={n} must be >= 1")
+        return self._calibration_subset(n)
+
+    def eval_samples(self) -> tuple[list[Sample], Path]:
+        """The evaluation images; with a budget, without the tuning subset (disjoint by file)."""
+        e = self.cfg.eval
+        samples, root = self._samples(e, e.limit, e.seed)
+        if not self._budgeted():
+            return samples, root
+        tuned = {s.path.resolve() for s in self.tune_samples()[0]}
+        kept = [s for s in samples if s.path.resolve() not in tuned]
+        if not kept:
+            raise ConfigError(f"every evaluation image is in the budget's tuning subset (quant.tune_images="
+                              f"{self.cfg.quant.tune_images}); lower it or evaluate on other images (eval.root)")
+        if len(kept) < len(samples):
+            log.info("evaluate: %d of %d images are in the budget's tuning subset and are left out",
+                     len(samples) - len(kept), len(samples))
+        return kept, root
+
+    def _image_batches(self, samples: list[Sample], root: Path, desc: str | None = None):
+        return (images for images, _ in self._batches(samples, root, self.cfg.calib.batch_size, desc=desc))
+
+    # --- stages ----------------------------------------------------------------------------------------------
+    def equalize(self) -> dict[str, Any]:
+        exported = self.records.get("export") or self.export()
+        samples, root = self._calibration_subset(None)
+        inputs = {"model_sha256": exported["sha256"], "images": samples_digest(samples, root),
+                  "preprocess": self.preprocess.key(), "version": VERSIONS["equalize"]}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            result = equalize(Path(exported["path"]), stage_dir / "model.onnx",
+                              self._image_batches(samples, root, "equalize"), threads=self.cfg.threads)
+            path = stage_dir / "model.onnx"
+            return {"path": str(path), "sha256": file_sha256(path), "opset": exported.get("opset"),
+                    "pairs": result.pairs, "num_pairs": len(result.pairs),
+                    "channels_scaled": sum(p["scaled"] for p in result.pairs), "num_images": result.num_images,
+                    "seconds": result.seconds}
+
+        return self._stage("equalize", inputs, work)
+
+    def refine(self) -> dict[str, Any]:
+        source = self.quant_source()
+        quantized = self.records.get("quantize") or self.quantize()
+        q = self.cfg.quant
+        samples, root = self._calibration_subset(q.refine_images)
+        corr_samples, _ = self._calibration_subset(min(q.bias_correction_images, q.refine_images or 1 << 30))
+        inputs = {"fp32_sha256": source["sha256"], "int8_sha256": quantized["sha256"],
+                  "weight_rounding": q.weight_rounding, "bias_correction": bool(q.bias_correction),
+                  "images": samples_digest(samples, root),
+                  "correction_images": samples_digest(corr_samples, root) if q.bias_correction else None,
+                  "preprocess": self.preprocess.key(), "version": VERSIONS["refine"]}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            path = stage_dir / "model.int8.onnx"
+            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            details = refine(reference, Path(quantized["path"]), path,
+                             lambda: self._image_batches(samples, root, None), weight_rounding=q.weight_rounding,
+                             bias_correction=bool(q.bias_correction), threads=self.cfg.threads,
+                             correction_batches=lambda: self._image_batches(corr_samples, root, None))
+            if reference != Path(source["path"]):
+                reference.unlink()
+            return {"path": str(path), "sha256": file_sha256(path), "opset": quantized["opset"],
+                    "num_images": len(samples), "correction_images": len(corr_samples), **details}
+
+        return self._stage("refine", inputs, work)
+
+    def budget(self) -> dict[str, Any]:
+        exported = self.records.get("export") or self.export()
+        source = self.quant_source()
+        calibrated = self.records.get("calibrate") or self.calibrate()
+        start = (self.records.get("refine") or self.refine()) if self._refining() else \
+            (self.records.get("quantize") or self.quantize())
+        q, a = self.cfg.quant, self.cfg.analysis
+        if q.max_trials < 0:
+            raise ConfigError(f"quant.max_trials={q.max_trials} must be >= 0")
+        samples, root = self.tune_samples()
+        inputs = {"fp32_sha256": exported["sha256"], "source_sha256": source["sha256"],
+                  "ranges_sha256": calibrated["sha256"], "start_sha256": start["sha256"],
+                  "options": self._quant_options(), "method": calibrated["method"], "max_drop": q.max_drop,
+                  "max_trials": q.max_trials, "images": samples_digest(samples, root),
+                  "sensitivity_images": a.sensitivity_images, "preprocess": self.preprocess.key(),
+                  "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["budget"]}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            tune = TuneSet(Path(exported["path"]),
+                           self._batches(samples, root, self.cfg.eval.batch_size, desc="budget: tuning set"),
+                           threads=self.cfg.threads)
+            ranking_images = samples[: a.sensitivity_images]
+            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            sensitivity = analyze(reference, Path(start["path"]),
+                                  self._image_batches(ranking_images, root, None), threads=self.cfg.threads)
+            fp32_model = onnx.load(str(reference))
+            int8_nodes = [n.name for n in onnx.load(start["path"]).graph.node]
+            ranking = rank_candidates(sensitivity, fp32_model, int8_nodes, already=q.nodes_to_exclude)
+            del fp32_model
+            refined = onnx.load(start["path"]) if self._refining() else None
+            trials_dir = stage_dir / "trials"
+            trials_dir.mkdir()
+            written: dict[tuple[str, ...], Path] = {}
+
+            def trial(excluded: list[str]):
+                extra = [n for n in excluded if n not in set(q.nodes_to_exclude)]
+                if not extra:
+                    return tune.score(Path(start["path"]))
+                path = trials_dir / f"trial{len(written) + 1}.int8.onnx"
+                quantize_model(Path(source["path"]), Path(calibrated["path"]), path, method=calibrated["method"],
+                               **self._quant_options(extra))
+                if refined is not None:  # carry GPTQ weights and corrected biases over to the nodes still int8
+                    model = onnx.load(str(path))
+                    transfer(refined, model)
+                    onnx.save(model, str(path))
+                written[tuple(excluded)] = path
+                return tune.score(path)
+
+            result = search(ranking, trial, float(q.max_drop), int(q.max_trials),
+                            base_excluded=list(q.nodes_to_exclude))
+            final = stage_dir / "model.int8.onnx"
+            shutil.copyfile(written.get(tuple(result.best.excluded), Path(start["path"])), final)
+            shutil.rmtree(trials_dir)
+            record = {"path": str(final), "sha256": file_sha256(final), "opset": start["opset"],
+                      "start_path": start["path"], "start_sha256": start["sha256"],
+                      "tune_images": tune.num_images, "tune_fp32_top1": tune.fp32_top1,
+                      "ranking_images": len(ranking_images), **result.as_dict()}
+            record["ranking"] = record["ranking"][:30]
+            return record
+
+        return self._stage("budget", inputs, work)
+
+    def sensitivity(self) -> dict[str, Any]:
+        source = self.quant_source()
+        final = self.final_int8()
+        a = self.cfg.analysis
+        samples, root = self._calibration_subset(a.sensitivity_images)
+        inputs = {"fp32_sha256": source["sha256"], "int8_sha256": final["sha256"], "images": samples_digest(samples, root),
+                  "preprocess": self.preprocess.key(), "version": VERSIONS["sensitivity"]}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            result = analyze(reference, Path(final["path"]),
+                             self._image_batches(samples, root, "sensitivity"), threads=self.cfg.threads)
+            if reference != Path(source["path"]):
+                reference.unlink()
+            data = result.as_json()
+            write_json(stage_dir / "sensitivity.json", data)
+            ranked = result.ranked()
+            png = sqnr_bars(stage_dir / "sensitivity.png", [t.tensor for t in result.tensors],
+                            [t.sqnr_db for t in result.tensors],
+                            f"{self.cfg.model.name}: SQNR of each quantized activation vs fp32 "
+                            f"({result.num_images} images; logits {_db(result.output_sqnr_db)} dB)")
+            return {"json": str(stage_dir / "sensitivity.json"), "png": str(png),
+                    "output_sqnr_db": data["output_sqnr_db"], "num_images": result.num_images,
+                    "num_tensors": len(result.tensors), "seconds": result.seconds,
+                    "reference": ("equalized " if self.cfg.quant.equalize else "")
+                    + "fp32 model as the quantizer saw it (after graph_opt)",
+                    "worst": [t.as_json() for t in ranked[: a.sensitivity_top]],
+                    "most_added": [t.as_json() for t in result.by_added()[: a.sensitivity_top]],
+                    "table": render_table(result, a.sensitivity_top)}
+
+        return self._stage("sensitivity", inputs, work)
+
+    def speed(self) -> dict[str, Any]:
+        exported = self.records.get("export") or self.export()
+        final = self.final_int8()
+        a = self.cfg.analysis
+        models = {"fp32": exported, "int8": final}
+        budget = self.records.get("budget")
+        if budget is not None and budget.get("excluded"):
+            models["int8_all_quantized"] = {"path": budget["start_path"], "sha256": budget["start_sha256"]}
+        inputs = {"models": {k: v["sha256"] for k, v in models.items()}, "batch_size": a.speed_batch_size,
+                  "runs": a.speed_runs, "threads": self.cfg.threads, "cpu": cpu_name(),
+                  "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["speed"]}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            latency = measure({k: Path(v["path"]) for k, v in models.items()}, batch_size=a.speed_batch_size,
+                              threads=self.cfg.threads, runs=a.speed_runs)
+            return {**latency.as_dict(), "int8_speedup": latency.speedup["int8"]}
+
+        return self._stage("speed", inputs, work)
+
+    def analyses(self) -> None:
+        """The optional analysis stages the config asks for (after evaluation)."""
+        if self.cfg.analysis.sensitivity or self._budgeted():
+            self.records.get("sensitivity") or self.sensitivity()
+        if self.cfg.analysis.speed or self._budgeted():
+            self.records.get("speed") or self.speed()
+
+
+def quantized_graph(source: Path, out: Path) -> Path:
+    """The fp32 graph that ``quantize_model`` really quantizes: it first applies ``graph_opt.optimize`` (exact
+    rewrites: Pads folded into convolutions, ShuffleNet's channel shuffle folded into weights, ...), so per-tensor
+    and per-weight comparisons must be made against that graph, not the export. Returns ``source`` itself when the
+    quantizer does not rewrite."""
+    option = inspect.signature(quantize_model).parameters.get("optimize_graph")
+    if option is None or not option.default:
+        return source
+    from quantize.graph import optimize as graph_opt
+
+    model, _ = graph_opt.optimize(onnx.load(str(source)))
+    onnx.save(model, str(out))
+    return out
+
+
+def _db(value: float | None) -> str:
+    return "inf" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.1f}"

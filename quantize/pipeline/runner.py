@@ -1,0 +1,356 @@
+"""Runs the stages a config asks for; a stage whose inputs are unchanged reuses its artifact.
+
+Each stage writes into ``<work_dir>/<model>/<stage>-<key>/``, where the key hashes everything the stage reads
+(config values, input file hashes, image lists). ``record.json`` is written last, so a stage directory without it
+is an interrupted run and is redone. Only this module and ``__main__`` know about the config tree.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import platform
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+from quantize.pipeline.accuracy_stages import AccuracyStages
+from quantize.core.artifacts import atomic_path, file_sha256, key_of, read_json, write_json
+from quantize.stages.calibrate import METHOD_VERSIONS, calibrate, save_ranges
+from quantize.config import STAGES
+from quantize.data.crop_cache import open_cache
+from quantize.data.samples import Sample, balanced_subset, iter_batches, list_samples, samples_digest
+from quantize.core.errors import ConfigError
+from quantize.stages.evaluate import evaluate
+from quantize.stages.export import Exported, export_onnx, import_onnx
+from quantize.graph.optimize import VERSION as GRAPH_OPT_VERSION
+from quantize.data.image_list import match_image_list, read_image_list
+from quantize.data.preprocess import Preprocess
+from quantize.pipeline.report import write_report
+from quantize.stages.static_quant import quantize_model
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ["quantize", "torch", "torchvision", "onnx", "onnxruntime", "numpy", "hydra-core", "omegaconf", "pillow"]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _project_path(path: str) -> Path:
+    """A path as given when it exists (or is absolute), else relative to the project root (calib_lists/...)."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists():
+        return given
+    return PROJECT_ROOT / given
+
+
+@contextmanager
+def stage_lock(path: Path, stage: str) -> Iterator[None]:
+    """One run at a time per stage and inputs: a second run on the same work_dir waits, then reuses the result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another run is computing the same stage; waiting for it (%s)", stage, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _require_complete(cfg: DictConfig) -> None:
+    """A value left as ??? (e.g. model.name for +model=torchvision) is one line, not a resolver traceback."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
+        named = re.search(r"Missing mandatory value: ([\w.]+)", str(exc))
+        key = named.group(1) if named else exc.full_key
+        if "." not in key and "." in (exc.full_key or ""):  # a relative interpolation names its sibling only
+            key = f"{exc.full_key.rsplit('.', 1)[0]}.{key}"
+        raise ConfigError(f"set {key}=... (required by this config)") from None
+
+
+def _exported_record(exported: Exported) -> dict[str, Any]:
+    return {"path": str(exported.path), "opset": exported.opset, "max_abs_diff": exported.max_abs_diff,
+            "seconds": exported.seconds, "sha256": file_sha256(exported.path)}
+
+
+PREDICTIONS = "top5.npy"
+
+
+def _load_predictions(directory: Path, num_images: int) -> np.ndarray | None:
+    """The fp32 model's saved top-5 on the evaluation images, or None when there is no complete, readable copy."""
+    if not (directory / "record.json").exists():
+        return None
+    try:
+        if read_json(directory / "record.json").get("sha256") != file_sha256(directory / PREDICTIONS):
+            raise ValueError(f"{PREDICTIONS} differs from the sha256 in record.json")
+        top = np.load(directory / PREDICTIONS, allow_pickle=False)
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("evaluate: ignoring unreadable fp32 predictions in %s (%s)", directory, exc)
+        return None
+    if top.ndim != 2 or len(top) != num_images:
+        log.warning("evaluate: ignoring fp32 predictions in %s: shape %s for %d images", directory, top.shape,
+                    num_images)
+        return None
+    return top
+
+
+def _save_predictions(directory: Path, top: np.ndarray, fp32_sha256: str) -> None:
+    """Written so that a reader sees all or nothing: the array first, then the record naming it."""
+    with atomic_path(directory / PREDICTIONS) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, top)
+    write_json(directory / "record.json", {"fp32_sha256": fp32_sha256, "num_images": len(top),
+                                           "file": PREDICTIONS, "sha256": file_sha256(directory / PREDICTIONS)})
+
+
+class Pipeline(AccuracyStages):
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        _require_complete(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        unknown = [s for s in cfg.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        self.stages = list(cfg.stages)
+        # A narrowed stage list means "recompute these"; the full list reuses whatever is cached.
+        self.force = set(self.stages) if set(self.stages) != set(STAGES) else set()
+        self.model_dir = Path(cfg.work_dir) / cfg.model.name
+        p = cfg.data.preprocess
+        self.preprocess = Preprocess(resize=p.resize, crop=p.crop, mean=tuple(p.mean), std=tuple(p.std))
+        self.records: dict[str, dict[str, Any]] = {}
+        self._sample_cache: dict[tuple, list[Sample]] = {}
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def _root(self, section: DictConfig) -> tuple[Path, str | None]:
+        root = section.root or self.cfg.data.root
+        if root is None:
+            raise ConfigError("no dataset given: set data.root=PATH (ImageNet val, synset folders or flat + labels)")
+        return Path(root).expanduser().resolve(), section.labels or self.cfg.data.labels
+
+    def _samples(self, section: DictConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]:
+        root, labels = self._root(section)
+        key = (root, labels, limit, seed)
+        if key not in self._sample_cache:
+            samples = list_samples(root, labels_file=labels, synsets=self.cfg.data.synsets)
+            self._sample_cache[key] = balanced_subset(samples, limit, seed=seed) if limit else samples
+        return self._sample_cache[key], root
+
+    def _calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]:
+        """The committed list when the calibration folder holds its images, else a class-balanced selection."""
+        c = self.cfg.calib
+        if c.list:
+            list_path = _project_path(c.list)
+            entries = read_image_list(list_path)
+            everything, root = self._samples(c, None, c.seed)
+            present = {s.path.name for s in everything}
+            found = sum(name in present for name, _ in entries)
+            if found:
+                listed = match_image_list(everything, entries, source=f"calib.list {list_path}")
+                if c.num_images < len(listed):
+                    listed = balanced_subset(listed, c.num_images, seed=c.seed)
+                return listed, root, {"list": str(list_path), "list_sha256": file_sha256(list_path)}
+            log.info("calibrate: none of the %d images of calib.list=%s are in %s (not ImageNet val); selecting "
+                     "%d images class-balanced from the folder instead", len(entries), c.list, root, c.num_images)
+        samples, root = self._samples(c, c.num_images, c.seed)
+        return samples, root, {"list": None, "list_sha256": None}
+
+    def _batches(self, samples: list[Sample], root: Path, batch_size: int, desc: str | None):
+        """Decoded batches, read from a matching preprocessed cache in data.cache_dir when there is one."""
+        if self.cfg.data.cache_dir:
+            cache = open_cache(samples, root, self.preprocess, Path(self.cfg.data.cache_dir))
+            if cache is not None:
+                log.info("%s: reading preprocessed crops from %s", desc or "data", cache.path)
+                return cache.iter_batches(batch_size, desc=desc)
+        return iter_batches(samples, batch_size, self.preprocess, workers=self.cfg.data.workers, desc=desc)
+
+    # --- stage plumbing ---------------------------------------------------------------------------------------
+    def _stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        key = key_of(inputs)
+        stage_dir = self.model_dir / f"{stage}-{key}"
+        with stage_lock(self.model_dir / f".{stage}-{key}.lock", stage):
+            record = self._run_or_reuse(stage, stage_dir, key, inputs, work)
+        record["dir"] = str(stage_dir)
+        self.records[stage] = record
+        return record
+
+    def _run_or_reuse(self, stage: str, stage_dir: Path, key: str, inputs: dict[str, Any],
+                      work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        record_path = stage_dir / "record.json"
+        if record_path.exists() and stage not in self.force:
+            log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
+            return {**read_json(record_path), "cached": True}
+        if stage in STAGES and stage not in self.stages:  # accuracy stages (quantize.pipeline.accuracy_stages) always may run
+            raise ConfigError(f"stage '{stage}' is not in stages= and nothing is cached for these inputs; "
+                              f"add it: stages=[{','.join(s for s in STAGES if s in self.stages or s == stage)}]")
+        log.info("%s: running -> %s", stage, stage_dir)
+        started = time.perf_counter()
+        if stage_dir.exists():  # an interrupted or forced earlier run: start clean
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True)
+        record = work(stage_dir)
+        record.update(key=key, inputs=inputs, stage_seconds=time.perf_counter() - started)
+        write_json(record_path, record)  # last: its presence marks the stage complete
+        log.info("%s: done in %.1f s", stage, record["stage_seconds"])
+        return {**record, "cached": False}
+
+    # --- stages -----------------------------------------------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        m = self.cfg.model
+        if m.arch == "onnx":
+            return self._import_onnx()
+        checkpoint = Path(m.checkpoint).expanduser() if m.checkpoint else None
+        if checkpoint is not None and not checkpoint.is_file():
+            raise ConfigError(f"model.checkpoint={m.checkpoint} does not exist")
+        inputs = {"arch": m.arch, "pretrained": m.pretrained, "weights_url": m.weights_url,
+                  "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+                  "num_classes": m.num_classes, "opset": self.cfg.export.opset,
+                  "tolerance": self.cfg.export.tolerance, "check_images": self.cfg.export.check_images,
+                  "torch": metadata.version("torch")}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            from quantize.models.complexity import count_ops, count_parameters  # torch is only needed here (~470 MiB resident)
+            from quantize.models.registry import build_model
+
+            model = build_model(m.arch, pretrained=m.pretrained, weights_url=m.weights_url,
+                                checkpoint=str(checkpoint) if checkpoint else None, num_classes=m.num_classes)
+            exported = export_onnx(model, stage_dir / "model.onnx", self._check_batch(),
+                                   opset=self.cfg.export.opset, tolerance=self.cfg.export.tolerance,
+                                   threads=self.cfg.threads)
+            ref = m.reference
+            return {**_exported_record(exported), "params_m": count_parameters(model, ref.params_kind) / 1e6,
+                    "ops_m": count_ops(model, ref.flops_kind) / 1e6, "ops_kind": ref.flops_kind}
+
+        return self._stage("export", inputs, work)
+
+    def _import_onnx(self) -> dict[str, Any]:
+        source = Path(self.cfg.model.path).expanduser()
+        if not source.is_file():
+            raise ConfigError(f"model.path={self.cfg.model.path} does not exist")
+        inputs = {"onnx_sha256": file_sha256(source), "num_classes": self.cfg.model.num_classes,
+                  "check_images": self.cfg.export.check_images}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            imported = import_onnx(source, stage_dir / "model.onnx", self._check_batch(),
+                                   num_classes=self.cfg.model.num_classes, threads=self.cfg.threads)
+            return {**_exported_record(imported), "source": str(source)}
+
+        return self._stage("export", inputs, work)
+
+    def _check_batch(self):
+        """A few real images (from the calibration folder) to compare the ONNX model against its source."""
+        samples, root = self._samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
+        return next(iter(self._batches(samples, root, len(samples), desc=None)))[0]
+
+    def calibrate(self) -> dict[str, Any]:
+        exported = self.quant_source()  # the export, or its equalized copy (quant.equalize)
+        c = self.cfg.calib
+        samples, root, image_list = self._calibration_samples()
+        inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
+                  # only versions past 1 enter the key: cached calibrations of methods that never changed stay valid
+                  **({"method_version": METHOD_VERSIONS[c.method]} if METHOD_VERSIONS.get(c.method, 1) > 1 else {}),
+                  "percentile": c.percentile if c.method == "percentile" else None,
+                  "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
+                  "images": samples_digest(samples, root), "preprocess": self.preprocess.key(),
+                  "graph_opt": GRAPH_OPT_VERSION}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            images = (batch for batch, _ in self._batches(samples, root, c.batch_size, desc="calibrate"))
+            result = calibrate(Path(exported["path"]), images, method=c.method, percentile=c.percentile,
+                               num_bins=c.num_bins, threads=self.cfg.threads)
+            ranges_path = stage_dir / "ranges.json"
+            save_ranges(result, ranges_path)
+            return {"path": str(ranges_path), "sha256": file_sha256(ranges_path), "method": result.method,
+                    "num_images": result.num_images, "num_tensors": len(result.ranges), "seconds": result.seconds,
+                    "peak_rss_mb": result.peak_rss_mb, "root": str(root), "measured_tensors": result.measured,
+                    "graph_opt": result.graph_opt, **image_list}
+
+        return self._stage("calibrate", inputs, work)
+
+    def quantize(self) -> dict[str, Any]:
+        exported = self.quant_source()
+        calibrated = self.records.get("calibrate") or self.calibrate()
+        q = self.cfg.quant
+        options = dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
+                       per_channel=q.per_channel, reduce_range=q.reduce_range, opset=q.opset,
+                       op_types=list(q.op_types) if q.op_types else None, nodes_to_exclude=list(q.nodes_to_exclude))
+        inputs = {"model_sha256": exported["sha256"], "ranges_sha256": calibrated["sha256"],
+                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime"),
+                  "graph_opt": GRAPH_OPT_VERSION}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            result = quantize_model(Path(exported["path"]), Path(calibrated["path"]), stage_dir / "model.int8.onnx",
+                                    method=calibrated["method"], **options)
+            return {"path": str(result.path), "opset": result.opset, "seconds": result.seconds,
+                    "sha256": file_sha256(result.path)}
+
+        return self._stage("quantize", inputs, work)
+
+    def evaluate(self) -> dict[str, Any]:
+        exported = self.records.get("export") or self.export()
+        quantized = self.final_int8()  # after refine/budget when those are configured
+        e = self.cfg.eval
+        samples, root = self.eval_samples()  # without the budget's tuning images
+        images = samples_digest(samples, root)
+        inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
+                  "images": images, "limit": e.limit, "seed": e.seed, "preprocess": self.preprocess.key()}
+        reference = self.model_dir / "fp32-predictions-{}".format(key_of({
+            "fp32_sha256": exported["sha256"], "images": images, "preprocess": self.preprocess.key(),
+            "onnxruntime": metadata.version("onnxruntime")}))
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            known = None if "evaluate" in self.force else _load_predictions(reference, len(samples))
+            models = {"int8": Path(quantized["path"])}
+            if known is None:
+                models = {"fp32": Path(exported["path"]), **models}
+            else:
+                log.info("evaluate: fp32 predictions on these images reused from %s; running int8 only", reference)
+            result = evaluate(models, self._batches(samples, root, e.batch_size, desc="evaluate"),
+                              threads=self.cfg.threads, known={"fp32": known} if known is not None else None)
+            if known is None:
+                _save_predictions(reference, result.predictions["fp32"], exported["sha256"])
+            return {"num_images": result.num_images, "root": str(root),
+                    "fp32": {"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
+                    "int8": {"top1": result.top1["int8"], "top5": result.top5["int8"]},
+                    "agreement_top1": result.agreement_top1, "seconds": result.seconds,
+                    "fp32_predictions": str(reference), "fp32_reused": known is not None,
+                    "images_per_second": result.images_per_second,
+                    "stage_images_per_second": result.stage_images_per_second,
+                    "stage_seconds": result.stage_seconds, "threads": result.threads,
+                    "minutes_for_50000": 50000 / result.images_per_second / 60}
+
+        return self._stage("evaluate", inputs, work)
+
+    def run(self) -> dict[str, Any] | None:
+        for stage in STAGES[:-1]:
+            if stage in self.stages and stage not in self.records:
+                getattr(self, stage)()
+        if "report" not in self.stages:
+            return None
+        for stage in STAGES[:-1]:
+            if stage not in self.records:
+                getattr(self, stage)()
+        self.analyses()  # sensitivity and speed, when configured
+        return write_report(self.run_dir, self.cfg, self.records, package_versions())

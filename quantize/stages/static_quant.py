@@ -1,0 +1,128 @@
+"""Quantize stage: ONNX Runtime static quantization from precomputed ranges, with the result validated."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import version_converter
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+from quantize.graph import optimize as graph_opt
+from quantize.core.artifacts import atomic_path
+from quantize.stages.calibrate import METHODS, activation_tensors
+from quantize.core.errors import ConfigError, ModelError, examples
+from quantize.core.runtime import make_session
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+PER_CHANNEL_QDQ_OPSET = 13  # DequantizeLinear's axis attribute exists from opset 13
+
+
+@dataclass
+class Quantized:
+    path: Path
+    opset: int
+    seconds: float
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def int8_opset(fp32_opset: int, fmt: str, per_channel: bool, requested: int | None) -> int:
+    """Opset of the int8 model: ORT writes per-channel QDQ with an ``axis`` that opset < 13 lacks, without warning,
+    so such a model is raised to 13; everything else keeps the fp32 model's opset unless asked otherwise."""
+    needed = PER_CHANNEL_QDQ_OPSET if (fmt == "qdq" and per_channel) else fp32_opset
+    if requested is None:
+        return max(fp32_opset, needed)
+    if requested < needed:
+        raise ConfigError(f"quant.opset={requested} cannot hold per-channel QDQ weights (needs >= {needed})")
+    return requested
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ORT's quantizer logs advice through the root logger on every call; keep it out of our logs."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method: str, fmt: str = "qdq",
+                   activation_type: str = "uint8", weight_type: str = "int8", per_channel: bool = True,
+                   reduce_range: bool = False, opset: int | None = None, op_types: list[str] | None = None,
+                   nodes_to_exclude: list[str] | None = None, optimize_graph: bool = True,
+                   extra_options: dict | None = None) -> Quantized:
+    """Quantize ``fp32_path`` with the ranges of ``ranges_path`` (from ``calibrate`` with the same
+    ``optimize_graph``): the graph is first rewritten by ``graph_opt.optimize`` (fp32-exact), so that ONNX Runtime
+    fuses every quantized op into an integer kernel."""
+    for option, value, allowed in (("quant.format", fmt, FORMATS), ("quant.activation_type", activation_type, TYPES),
+                                   ("quant.weight_type", weight_type, TYPES), ("calib.method", method, METHODS)):
+        if value not in allowed:
+            raise ConfigError(f"{option}={value!r} is not one of {', '.join(allowed)}")
+    started = time.perf_counter()
+    model = onnx.load(str(fp32_path))
+    if optimize_graph:
+        model, _ = graph_opt.optimize(model)
+    _check_ranges_cover(model, ranges_path)
+    source_opset = model_opset(model)
+    target_opset = int8_opset(source_opset, fmt, per_channel, opset)
+    if target_opset != source_opset:
+        model = version_converter.convert_version(model, target_opset)
+    with tempfile.TemporaryDirectory(prefix="quantize.") as scratch, atomic_path(out_path) as tmp_out:
+        prepared = Path(scratch) / "fp32.onnx"
+        onnx.save(model, str(prepared))
+        del model
+        with _quiet_root_logger():
+            quantize_static(
+                str(prepared), str(tmp_out), calibration_data_reader=None,
+                quant_format=FORMATS[fmt], per_channel=per_channel, reduce_range=reduce_range,
+                activation_type=TYPES[activation_type], weight_type=TYPES[weight_type],
+                op_types_to_quantize=list(op_types) if op_types else None,
+                nodes_to_exclude=list(nodes_to_exclude or []),
+                calibrate_method=METHODS[method], calibration_cache_path=str(ranges_path),
+                extra_options=dict(extra_options or {}),
+            )
+        validate_model(tmp_out, what="int8 model")
+    seconds = time.perf_counter() - started
+    log.info("quantized %s -> %s (%s, %s activations, %s%s weights, opset %d) in %.1f s", fp32_path.name,
+             out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
+             target_opset, seconds)
+    return Quantized(out_path, target_opset, seconds)
+
+
+def _check_ranges_cover(model: onnx.ModelProto, ranges_path: Path) -> None:
+    """Every activation of the graph to quantize needs a range: ranges computed on another graph (an older graph
+    rewrite, or ``optimize_graph`` off on one side) would leave tensors unquantized or stop ONNX Runtime's
+    quantizer with a KeyError."""
+    try:
+        names = set(json.loads(Path(ranges_path).read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not our format: let ONNX Runtime's reader report it
+    missing = [t for t in activation_tensors(model) if t not in names]
+    if missing:
+        raise ModelError(f"the calibration ranges do not cover {len(missing)} activations of the graph to quantize "
+                         f"({examples(missing)}); they were computed on another graph (calibrate and quantize must "
+                         f"both apply graph_opt version {graph_opt.VERSION}): rerun the calibrate stage")
+
+
+def validate_model(path: Path, what: str) -> None:
+    """Fail unless the model passes onnx.checker and loads in ONNX Runtime."""
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{what} is invalid ({str(exc).splitlines()[0]}); nothing was written") from exc
+    make_session(path)

@@ -1,0 +1,105 @@
+"""make bench / make bench-calib: the JSON they write and the memory cap of the stock path (tiny inputs, no timings)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_tiny_imagenet
+from quantize.bench import latency as bench
+from quantize.bench import calibration as bench_calib
+from quantize.bench import evaluation as bench_eval
+from quantize.stages.export import export_onnx
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(8, 1000)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.body(x), 1))
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "model.onnx"
+    export_onnx(Small().eval(), path, np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32))
+    return path
+
+
+def test_bench_json_has_latency_percentiles_and_throughput(fp32, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--fp32", str(fp32), "--int8", str(fp32), "--batch", "2", "--iterations", "3",
+                       "--warmup", "1", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schema"] == bench.SCHEMA and result["threads"] == 1
+    for name in ("fp32", "int8"):
+        latency = result["latency"]["models"][name]
+        assert latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
+        assert result["throughput"]["models"][name]["images_per_second"] > 0
+    assert result["latency"]["batch"] == 1 and result["throughput"]["batch"] == 2
+    assert set(result["latency"]["speedup_p50"]) == set(result["throughput"]["speedup"]) == {"int8"}
+    assert "| int8 |" in bench.table(result)
+
+
+def test_bench_finds_the_models_of_the_newest_run(fp32, tmp_path):
+    run = tmp_path / "outputs" / "m" / "2026-01-01_00-00-00"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"onnx": {"fp32_path": str(fp32), "int8_path": str(fp32)}}))
+    assert bench.models_of_run("m", tmp_path / "outputs") == {"fp32": fp32, "int8": fp32}
+    assert bench.main(["--model", "other", "--outputs", str(tmp_path / "outputs")]) == 1  # one line, no traceback
+
+
+def test_bench_calib_reports_both_paths_and_a_summary(fp32, tmp_path):
+    root = write_tiny_imagenet(tmp_path / "images", per_class=2)
+    result = bench_calib.run(fp32, root, sizes=[2, 4], methods=["minmax", "percentile"], stock_methods=["percentile"],
+                             rss_cap_gb=8, timeout=300, threads=1, with_torch=False)
+    assert result["schema"] == bench_calib.SCHEMA
+    assert [(r["path"], r["method"], r["images"]) for r in result["runs"]] == [
+        ("project", "minmax", 2), ("project", "percentile", 2), ("stock", "percentile", 2),
+        ("project", "minmax", 4), ("project", "percentile", 4), ("stock", "percentile", 4)]
+    assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 for r in result["runs"]), result["runs"]
+    assert set(result["summary"]["percentile_over_minmax"]) == {"2", "4"}
+    assert set(result["summary"]["rss_growth"]) == {"minmax", "percentile"}
+    assert "stock | percentile | 4 | ok" in bench_calib.table(result)
+
+
+def test_a_run_over_the_memory_cap_is_killed_and_reported(fp32, tmp_path):
+    root = write_tiny_imagenet(tmp_path / "images", per_class=1)
+    spec = {"path": "stock", "method": "percentile", "images": 3, "onnx": str(fp32), "root": str(root),
+            "threads": 1, "with_torch": False}
+    record = bench_calib.run_one(spec, rss_cap_gb=0.02, timeout=120)  # below what any Python process needs
+    assert record["status"] == "killed" and "cap" in record["reason"]
+    assert record["peak_rss_mb_seen"] > 0.02 * 1024
+
+
+def test_a_failing_run_is_reported(tmp_path):
+    spec = {"path": "project", "method": "minmax", "images": 1, "onnx": str(tmp_path / "missing.onnx"),
+            "root": str(tmp_path / "nowhere"), "threads": 1, "with_torch": False}
+    record = bench_calib.run_one(spec, rss_cap_gb=4, timeout=120)
+    assert record["status"] == "failed" and record["reason"].startswith("exit code")
+
+
+def test_bench_eval_times_jpeg_and_cache_with_and_without_fp32(fp32, tmp_path):
+    root = write_tiny_imagenet(tmp_path / "images", per_class=2)
+    out = tmp_path / "bench_eval.json"
+    assert bench_eval.main(["--fp32", str(fp32), "--int8", str(fp32), "--root", str(root), "--repeat", "2",
+                            "--batch", "3", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                            "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schema"] == bench_eval.SCHEMA
+    runs = {r["run"]: r for r in result["runs"]}
+    assert list(runs) == ["jpeg fp32+int8", "jpeg int8, fp32 reused", "cache fp32+int8", "cache int8, fp32 reused"]
+    images = 2 * result["distinct_images"]
+    assert all(r["images"] == images and r["minutes_for_50000"] > 0 for r in runs.values())
+    assert set(runs["jpeg fp32+int8"]["stage_images_per_second"]) == {"decode", "input", "fp32", "int8"}
+    assert set(runs["cache int8, fp32 reused"]["stage_images_per_second"]) == {"input", "int8"}
+    # the same model on both sides: every run agrees fully, whether fp32 ran or was reused
+    assert all(r["agreement_top1"] == 100.0 for r in runs.values())
+    assert len({json.dumps(r["top1"], sort_keys=True) for r in runs.values()}) == 1
+    assert any((tmp_path / "cache").iterdir())

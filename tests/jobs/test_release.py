@@ -1,0 +1,58 @@
+"""make release: per-model artifacts and manifest, a summary table, and reruns that change nothing."""
+
+import json
+import logging
+import os
+
+from quantize.jobs.release import main as release_main
+
+from conftest import write_tiny_imagenet
+
+
+def tree(root):
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog):
+    data = write_tiny_imagenet(tmp_path / "val")
+    out = tmp_path / "release"
+    args = ["--models", "shufflenet_v2_x0_5", "--out", str(out), "model.pretrained=false", f"data.root={data}",
+            "calib.num_images=4", "export.check_images=2", f"work_dir={tmp_path / 'work'}", "analysis.speed_runs=10"]
+    assert release_main(args) == 0
+    model_dir = out / "shufflenet_v2_x0_5"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["manifest.json", "model.int8.onnx", "model.onnx",
+                                                           "report.json"]
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["outputs"]["model.int8.onnx"] == json.loads((model_dir / "report.json").read_text())[
+        "onnx"]["int8_sha256"]
+    assert manifest["config"]["model"]["name"] == "shufflenet_v2_x0_5"
+    assert manifest["versions"]["onnxruntime"] and manifest["inputs"]["calibration_images_digest"]
+    assert set(manifest["stage_seconds"]) == {"export", "calibrate", "quantize", "evaluate", "speed"}
+    summary = (out / "SUMMARY.md").read_text()
+    assert "| shufflenet_v2_x0_5 | torchvision |" in summary and "60.552 / 81.746" in summary
+    speedup = json.loads((model_dir / "report.json").read_text())["speed"]["int8_speedup"]
+    assert speedup > 0 and summary.rstrip().endswith(f"| {speedup:.2f}× |")
+    assert oct(os.stat(model_dir / "model.onnx").st_mode & 0o077) != "0o0"  # readable by others (umask)
+
+    before = tree(out)
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    assert release_main(args) == 0
+    assert tree(out) == before
+    assert "running" not in caplog.text and "release shufflenet_v2_x0_5: unchanged" in caplog.text
+
+
+def test_release_lists_a_failing_model_and_exits_1(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    out = tmp_path / "release"
+    code = release_main(["--models", "shufflenet_v2_x0_5", "--out", str(out), f"data.root={data}",
+                         "model.checkpoint=/no/such/weights.pth", f"work_dir={tmp_path / 'work'}"])
+    assert code == 1
+    assert "| shufflenet_v2_x0_5 | failed: model.checkpoint=/no/such/weights.pth does not exist" in \
+        (out / "SUMMARY.md").read_text()
+
+
+def test_release_refuses_unknown_models(tmp_path, capsys):
+    assert release_main(["--models", "resnet9000", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown models resnet9000; available: ")

@@ -1,0 +1,81 @@
+"""The accuracy stages inside the pipeline: off by default, and every report field when switched on."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from quantize.pipeline.runner import Pipeline
+
+from conftest import write_tiny_imagenet
+from test_pipeline import compose_config, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("accuracy")
+    data = write_tiny_imagenet(root / "val", classes=(3, 250, 999, 5, 7, 9), per_class=2)
+    return root, data
+
+
+def test_defaults_leave_the_pipeline_unchanged(tiny):
+    root, data = tiny
+    cfg = compose_config(tiny_overrides(data, root / "work"))
+    q, a = cfg.quant, cfg.analysis
+    assert (q.equalize, q.weight_rounding, q.bias_correction, q.max_drop) == (False, "nearest", False, None)
+    assert (a.sensitivity, a.speed) == (False, False)
+    pipeline = Pipeline(cfg, root / "run-default")
+    report = pipeline.run()
+    assert set(pipeline.records) == {"export", "calibrate", "quantize", "evaluate"}
+    assert report["onnx"]["int8_path"] == report["onnx"]["int8_quantizer_path"]
+    assert report["eval"]["num_images"] == 12
+    assert report["methods"]["label"] == "ort"
+    assert report["budget"] is None and report["sensitivity"] is None and report["speed"] is None
+    assert not (root / "run-default" / "sensitivity.png").exists()
+
+
+def test_accurate_preset_composes():
+    cfg = compose_config(["+model=efficientnet_lite0", "quant=u8s8_accurate"])
+    q = cfg.quant
+    assert (q.format, q.activation_type, q.weight_type, q.per_channel) == ("qdq", "uint8", "int8", True)
+    assert (q.weight_rounding, q.bias_correction, q.equalize, q.max_drop) == ("gptq", False, False, None)
+
+
+def test_every_method_budget_sensitivity_and_speed_end_to_end(tiny):
+    root, data = tiny
+    overrides = tiny_overrides(data, root / "work", "quant.equalize=true", "quant.weight_rounding=gptq",
+                               "quant.bias_correction=true", "quant.max_drop=-1", "quant.max_trials=2",
+                               "quant.tune_images=4", "analysis.sensitivity_images=4", "analysis.speed_runs=3")
+    pipeline = Pipeline(compose_config(overrides), root / "run-all")
+    report = pipeline.run()
+    assert {"equalize", "refine", "budget", "sensitivity", "speed"} <= set(pipeline.records)
+    assert report["stages"]["export"]["cached"]  # shared with the default run: only the new stages ran
+
+    # the tuning images are left out of the final evaluation
+    assert report["budget"]["tune_images"] == 4 and report["eval"]["num_images"] == 12 - 4
+    assert report["methods"]["label"] == "eq+gptq+bc+budget-1"
+    assert report["methods"]["equalize_details"]["pairs"] > 0
+    assert report["methods"]["weight_rounding_details"]["layers"] > 0
+    b = report["methods"]["bias_correction_details"]
+    assert b["mean_abs_error_after"] < b["mean_abs_error_before"]
+    budget = report["budget"]
+    assert not budget["met"]  # a negative budget cannot be met: every trial is spent
+    assert len(budget["trials"]) == 1 + 2 and budget["trials"][0]["candidate"] is None
+    assert budget["ranking"][:2] == [t["candidate"] for t in budget["trials"][1:]]
+    assert report["sensitivity"]["num_tensors"] > 10 and report["sensitivity"]["worst"]
+    assert report["speed"]["int8_speedup"] > 0 and set(report["speed"]["ms"]) >= {"fp32", "int8"}
+    assert report["onnx"]["int8_path"].endswith("model.int8.onnx") and "budget-" in report["onnx"]["int8_path"]
+
+    run = root / "run-all"
+    with Image.open(run / "sensitivity.png") as image:
+        assert image.format == "PNG"
+    markdown = (run / "report.md").read_text()
+    for heading in ("## Methods", "## Speed", "## Accuracy budget", "## Sensitivity: where int8 loses"):
+        assert heading in markdown
+    on_disk = json.loads((run / "report.json").read_text())
+    assert on_disk["budget"]["fp32_nodes"] == budget["fp32_nodes"]
+
+    again = Pipeline(compose_config(overrides), root / "run-again").run()
+    assert all(s["cached"] for s in again["stages"].values())
+    assert again["speed"] == report["speed"]  # measured once per model pair: reruns are byte-stable
+    assert again["int8"] == report["int8"]
