@@ -3,14 +3,67 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from pathlib import Path
-
 from omegaconf import MISSING, OmegaConf
 
+from quantize.core.errors import ConfigError
+
 STAGES = ["export", "calibrate", "quantize", "evaluate", "report"]
+
+
+class Choice(str, Enum):
+    """A config choice: compared, hashed and written to JSON as its string value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CalibMethod(Choice):
+    percentile = "percentile"
+    minmax = "minmax"
+    entropy = "entropy"
+
+
+class QuantFormat(Choice):
+    qdq = "qdq"
+    qoperator = "qoperator"
+
+
+class QuantType(Choice):
+    uint8 = "uint8"
+    int8 = "int8"
+
+
+class WeightRounding(Choice):
+    nearest = "nearest"
+    gptq = "gptq"
+
+
+class ParamsKind(Choice):
+    trainable = "trainable"
+    paddle = "paddle"   # also counts BatchNorm running statistics
+
+
+class FlopsKind(Choice):
+    macs = "macs"
+    flops = "flops"
+    paddle_flops = "paddle_flops"
+
+
+C = TypeVar("C", bound=Choice)
+
+
+def choice(kind: type[C], value: object, option: str) -> C:
+    """``value`` as a member of ``kind``, or a one-line ConfigError naming the option and the allowed values (for
+    callers of the stage functions that bypass the structured config)."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{option}={value!r} is not one of {', '.join(m.value for m in kind)}") from None
 
 
 @dataclass
@@ -20,9 +73,9 @@ class ReferenceConfig:
     top5: Optional[float] = None
     source: str = ""
     params_m: Optional[float] = None   # published parameter count, millions, counted as params_kind says
-    params_kind: str = "trainable"     # trainable | paddle (also counts BatchNorm running statistics)
+    params_kind: ParamsKind = ParamsKind.trainable
     flops_m: Optional[float] = None    # published compute, millions, counted as flops_kind says
-    flops_kind: str = "macs"           # macs (multiply-accumulates) | flops: which convention the source uses
+    flops_kind: FlopsKind = FlopsKind.macs  # which convention the source uses
 
 
 @dataclass
@@ -65,7 +118,7 @@ class ExportConfig:
 
 @dataclass
 class CalibConfig:
-    method: str = "percentile"     # percentile | minmax | entropy
+    method: CalibMethod = CalibMethod.percentile
     percentile: float = 99.999
     num_bins: int = 2048
     num_images: int = 1000         # class-balanced: one image per class first
@@ -80,9 +133,9 @@ class CalibConfig:
 
 @dataclass
 class QuantConfig:
-    format: str = "qdq"            # qdq | qoperator
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
+    format: QuantFormat = QuantFormat.qdq
+    activation_type: QuantType = QuantType.uint8
+    weight_type: QuantType = QuantType.int8
     per_channel: bool = True
     reduce_range: bool = False
     opset: Optional[int] = None    # int8 model opset; default: the fp32 opset, raised to 13 for per-channel QDQ
@@ -91,7 +144,7 @@ class QuantConfig:
     # Post-training methods beyond ONNX Runtime's quantizer, each off by default (the default int8 model is unchanged).
     # Measured effects: README and quantize/{equalize,weight_rounding,bias_correction}.py.
     equalize: bool = False         # rescale channels between convolutions (exact through ReLU/ReLU6) before calibration
-    weight_rounding: str = "nearest"  # nearest | gptq: int8 weights minimizing each layer's output error
+    weight_rounding: WeightRounding = WeightRounding.nearest  # gptq: int8 weights minimizing each layer's output error
     bias_correction: bool = False  # int32 biases moved so each Conv/Gemm's mean output per channel matches fp32
     refine_images: Optional[int] = None  # calibration images GPTQ reads (streamed; default: all of them)
     bias_correction_images: int = 200  # calibration images bias correction reads (held in memory: ~15 MiB each)
@@ -133,7 +186,6 @@ class Config:
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     work_dir: str = "artifacts"    # stage artifacts, reused across runs: <work_dir>/<model.name>/<stage>-<key>/
     threads: int = 0               # ONNX Runtime intra-op threads (0: all cores)
-    extra: Any = None              # free-form notes copied into the report
 
 
 def register_configs() -> None:

@@ -9,6 +9,14 @@ SHARED_IMAGENET = REPO.parent / "shared" / "data" / "imagenet"
 SYNSETS = [line.split()[0] for line in (REPO / "quantize" / "resources" / "imagenet_synsets.txt").read_text().splitlines()]
 
 
+def torchvision_metrics(name: str, weights: str = "IMAGENET1K_V1") -> dict[str, float]:
+    """Published ImageNet-1k accuracy of a torchvision model's weights, read from torchvision itself (not from the
+    YAML the code under test reads)."""
+    import torchvision
+
+    return torchvision.models.get_model_weights(name)[weights].meta["_metrics"]["ImageNet-1K"]
+
+
 def needs_shared_imagenet():
     return pytest.mark.skipif(not (SHARED_IMAGENET / "sample").is_dir(),
                               reason="../shared/data/imagenet is absent (fresh clone)")

@@ -19,13 +19,10 @@ from onnx import numpy_helper
 
 from quantize.core.artifacts import atomic_path
 from quantize.accuracy.bias_correction import correct_biases
-from quantize.core.errors import ConfigError
+from quantize.config import WeightRounding, choice
 from quantize.accuracy.weight_rounding import round_weights
 
 log = logging.getLogger(__name__)
-
-WEIGHT_ROUNDING = ("nearest", "gptq")
-
 
 def refine(fp32_path: Path, int8_path: Path, out_path: Path, batches: Callable[[], Iterable[np.ndarray]],
            weight_rounding: str = "nearest", bias_correction: bool = False, threads: int = 0,
@@ -33,8 +30,7 @@ def refine(fp32_path: Path, int8_path: Path, out_path: Path, batches: Callable[[
     """Write the refined int8 model to ``out_path``; returns what each method measured. ``fp32_path`` must be the
     model ``int8_path`` was quantized from; ``batches()`` yields calibration images anew on each call (GPTQ), and
     ``correction_batches()`` the images for bias correction (default: the same)."""
-    if weight_rounding not in WEIGHT_ROUNDING:
-        raise ConfigError(f"quant.weight_rounding={weight_rounding!r} is not one of {', '.join(WEIGHT_ROUNDING)}")
+    weight_rounding = choice(WeightRounding, weight_rounding, "quant.weight_rounding").value
     fp32 = onnx.load(str(fp32_path))
     int8 = onnx.load(str(int8_path))
     details: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from quantize.data.samples import Sample, balanced_subset, samples_digest
 from quantize.accuracy.equalize import equalize
 from quantize.core.errors import ConfigError
 from quantize.pipeline.plots import sqnr_bars
-from quantize.accuracy.refine import WEIGHT_ROUNDING, refine, transfer
+from quantize.accuracy.refine import refine, transfer
 from quantize.accuracy.sensitivity import analyze, render_table
 from quantize.stages.speed import cpu_name, measure
 from quantize.stages.static_quant import quantize_model
@@ -48,8 +48,6 @@ class AccuracyStages:
     # --- switches ---------------------------------------------------------------------------------------------
     def _refining(self) -> bool:
         q = self.cfg.quant
-        if q.weight_rounding not in WEIGHT_ROUNDING:
-            raise ConfigError(f"quant.weight_rounding={q.weight_rounding!r} is not one of {', '.join(WEIGHT_ROUNDING)}")
         return q.weight_rounding != "nearest" or bool(q.bias_correction)
 
     def _budgeted(self) -> bool:

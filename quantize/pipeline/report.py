@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from quantize.config import Config
 
 from quantize.core.artifacts import write_json, write_text
 
 log = logging.getLogger(__name__)
 
 
-def build_report(cfg: DictConfig, records: dict[str, dict[str, Any]], versions: dict[str, str]) -> dict[str, Any]:
+def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict[str, str]) -> dict[str, Any]:
     export, calib, quant, ev = (records[s] for s in ("export", "calibrate", "quantize", "evaluate"))
     final = records.get("budget") or records.get("refine") or quant  # the int8 model that was evaluated
-    ref = dict(OmegaConf.to_container(cfg.model.reference))
+    ref = asdict(cfg.model.reference)
     if ref["top1"] is None and cfg.model.arch.startswith("torchvision/"):
         from quantize.models.torchvision_models import published_reference
 
@@ -51,12 +52,12 @@ def build_report(cfg: DictConfig, records: dict[str, dict[str, Any]], versions: 
         "stages": {name: {"dir": r["dir"], "cached": r["cached"], "seconds": r.get("stage_seconds")}
                    for name, r in records.items()},
         **accuracy_sections(cfg, records, ev),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": asdict(cfg),
         "versions": versions,
     }
 
 
-def accuracy_sections(cfg: DictConfig, records: dict[str, dict[str, Any]], ev: dict[str, Any]) -> dict[str, Any]:
+def accuracy_sections(cfg: Config, records: dict[str, dict[str, Any]], ev: dict[str, Any]) -> dict[str, Any]:
     """Report fields of the accuracy stages (quantize.pipeline.accuracy_stages); each is null when its stage did not run."""
     q = cfg.quant
     methods: dict[str, Any] = {"equalize": bool(q.equalize), "weight_rounding": q.weight_rounding,
@@ -116,7 +117,7 @@ def sampling_error(num_images: int, agreement: float) -> dict[str, Any]:
             "drop_standard_error_max": 100.0 * differing ** 0.5 / num_images}
 
 
-def method_label(cfg: DictConfig) -> str:
+def method_label(cfg: Config) -> str:
     """A short name of the post-training methods used: ``ort``, ``eq+gptq+bc``, ..., ``+budget0.3``."""
     q = cfg.quant
     parts = [name for on, name in ((q.equalize, "eq"), (q.weight_rounding == "gptq", "gptq"),
@@ -239,7 +240,7 @@ def render_accuracy(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, cfg: DictConfig, records: dict[str, dict[str, Any]],
+def write_report(run_dir: Path, cfg: Config, records: dict[str, dict[str, Any]],
                  versions: dict[str, str]) -> dict[str, Any]:
     report = build_report(cfg, records, versions)
     if report.get("sensitivity") and Path(report["sensitivity"]["png"]).is_file():

@@ -25,7 +25,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from quantize.pipeline.accuracy_stages import AccuracyStages
 from quantize.core.artifacts import atomic_path, file_sha256, key_of, read_json, write_json
 from quantize.stages.calibrate import METHOD_VERSIONS, calibrate, save_ranges
-from quantize.config import STAGES
+from quantize.config import STAGES, CalibConfig, Config, EvalConfig
 from quantize.data.crop_cache import open_cache
 from quantize.data.samples import Sample, balanced_subset, iter_batches, list_samples, samples_digest
 from quantize.core.errors import ConfigError
@@ -127,9 +127,11 @@ def _save_predictions(directory: Path, top: np.ndarray, fp32_sha256: str) -> Non
 
 
 class Pipeline(AccuracyStages):
-    def __init__(self, cfg: DictConfig, run_dir: Path):
-        _require_complete(cfg)
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig | Config, run_dir: Path):
+        if not isinstance(cfg, Config):
+            _require_complete(cfg)
+            cfg = OmegaConf.to_object(cfg)
+        self.cfg: Config = cfg
         self.run_dir = Path(run_dir)
         unknown = [s for s in cfg.stages if s not in STAGES]
         if unknown:
@@ -144,13 +146,13 @@ class Pipeline(AccuracyStages):
         self._sample_cache: dict[tuple, list[Sample]] = {}
 
     # --- data -------------------------------------------------------------------------------------------------
-    def _root(self, section: DictConfig) -> tuple[Path, str | None]:
+    def _root(self, section: CalibConfig | EvalConfig) -> tuple[Path, str | None]:
         root = section.root or self.cfg.data.root
         if root is None:
             raise ConfigError("no dataset given: set data.root=PATH (ImageNet val, synset folders or flat + labels)")
         return Path(root).expanduser().resolve(), section.labels or self.cfg.data.labels
 
-    def _samples(self, section: DictConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]:
+    def _samples(self, section: CalibConfig | EvalConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]:
         root, labels = self._root(section)
         key = (root, labels, limit, seed)
         if key not in self._sample_cache:

@@ -44,6 +44,7 @@ from onnx import TensorProto, helper
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
 
 from quantize.graph import optimize as graph_opt
+from quantize.config import CalibMethod, choice
 from quantize.core.errors import ConfigError, ModelError
 from quantize.stages.histogram import StreamingHistogram
 from quantize.core.memory import peak_rss_mb, reset_peak_rss
@@ -260,8 +261,7 @@ def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str = "per
               percentile: float = 99.999, num_bins: int = 2048, threads: int = 0,
               optimize_graph: bool = True) -> Calibration:
     """Ranges of every activation of ``onnx_path`` (after ``graph_opt.optimize``) over ``batches`` (float32 NCHW)."""
-    if method not in METHODS:
-        raise ConfigError(f"calib.method={method!r} is not one of {', '.join(METHODS)}")
+    method = choice(CalibMethod, method, "calib.method").value
     if method == "percentile" and not 0 < percentile <= 100:
         raise ConfigError(f"calib.percentile={percentile} must be in (0, 100]")
     model = onnx.load(str(onnx_path))

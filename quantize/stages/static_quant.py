@@ -12,18 +12,19 @@ from pathlib import Path
 
 import onnx
 from onnx import version_converter
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat as OrtQuantFormat, QuantType as OrtQuantType, quantize_static
 
 from quantize.graph import optimize as graph_opt
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
+from quantize.config import CalibMethod, QuantFormat, QuantType, choice
 from quantize.core.errors import ConfigError, ModelError, examples
 from quantize.core.runtime import make_session
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
-TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+FORMATS = {"qdq": OrtQuantFormat.QDQ, "qoperator": OrtQuantFormat.QOperator}
+TYPES = {"uint8": OrtQuantType.QUInt8, "int8": OrtQuantType.QInt8}
 PER_CHANNEL_QDQ_OPSET = 13  # DequantizeLinear's axis attribute exists from opset 13
 
 
@@ -69,10 +70,10 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
     """Quantize ``fp32_path`` with the ranges of ``ranges_path`` (from ``calibrate`` with the same
     ``optimize_graph``): the graph is first rewritten by ``graph_opt.optimize`` (fp32-exact), so that ONNX Runtime
     fuses every quantized op into an integer kernel."""
-    for option, value, allowed in (("quant.format", fmt, FORMATS), ("quant.activation_type", activation_type, TYPES),
-                                   ("quant.weight_type", weight_type, TYPES), ("calib.method", method, METHODS)):
-        if value not in allowed:
-            raise ConfigError(f"{option}={value!r} is not one of {', '.join(allowed)}")
+    fmt = choice(QuantFormat, fmt, "quant.format").value
+    activation_type = choice(QuantType, activation_type, "quant.activation_type").value
+    weight_type = choice(QuantType, weight_type, "quant.weight_type").value
+    method = choice(CalibMethod, method, "calib.method").value
     started = time.perf_counter()
     model = onnx.load(str(fp32_path))
     if optimize_graph:

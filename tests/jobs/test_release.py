@@ -4,9 +4,11 @@ import json
 import logging
 import os
 
+import pytest
+
 from quantize.jobs.release import main as release_main
 
-from conftest import write_tiny_imagenet
+from conftest import torchvision_metrics, write_tiny_imagenet
 
 
 def tree(root):
@@ -30,9 +32,12 @@ def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog
     assert manifest["versions"]["onnxruntime"] and manifest["inputs"]["calibration_images_digest"]
     assert set(manifest["stage_seconds"]) == {"export", "calibrate", "quantize", "evaluate", "speed"}
     summary = (out / "SUMMARY.md").read_text()
-    assert "| shufflenet_v2_x0_5 | torchvision |" in summary and "60.552 / 81.746" in summary
-    speedup = json.loads((model_dir / "report.json").read_text())["speed"]["int8_speedup"]
-    assert speedup > 0 and summary.rstrip().endswith(f"| {speedup:.2f}× |")
+    published = torchvision_metrics("shufflenet_v2_x0_5")
+    assert "| shufflenet_v2_x0_5 | torchvision |" in summary
+    assert f"{published['acc@1']} / {published['acc@5']}" in summary
+    speed = json.loads((model_dir / "report.json").read_text())["speed"]
+    assert speed["int8_speedup"] == pytest.approx(speed["ms"]["fp32"] / speed["ms"]["int8"])
+    assert summary.rstrip().endswith(f"| {speed['int8_speedup']:.2f}× |")
     assert oct(os.stat(model_dir / "model.onnx").st_mode & 0o077) != "0o0"  # readable by others (umask)
 
     before = tree(out)

@@ -63,7 +63,9 @@ def test_every_method_budget_sensitivity_and_speed_end_to_end(tiny):
     assert len(budget["trials"]) == 1 + 2 and budget["trials"][0]["candidate"] is None
     assert budget["ranking"][:2] == [t["candidate"] for t in budget["trials"][1:]]
     assert report["sensitivity"]["num_tensors"] > 10 and report["sensitivity"]["worst"]
-    assert report["speed"]["int8_speedup"] > 0 and set(report["speed"]["ms"]) >= {"fp32", "int8"}
+    speed = report["speed"]
+    assert set(speed["ms"]) >= {"fp32", "int8"} and speed["int8_speedup"] == speed["speedup"]["int8"]
+    assert speed["speedup"]["int8"] == pytest.approx(speed["ms"]["fp32"] / speed["ms"]["int8"])
     assert report["onnx"]["int8_path"].endswith("model.int8.onnx") and "budget-" in report["onnx"]["int8_path"]
 
     run = root / "run-all"

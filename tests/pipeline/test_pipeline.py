@@ -19,7 +19,7 @@ from quantize.core.errors import ConfigError, DataError, ModelError
 from quantize.pipeline.runner import Pipeline
 from quantize.data.preprocess import Preprocess
 
-from conftest import REPO, SHARED_IMAGENET, needs_shared_imagenet, write_tiny_imagenet
+from conftest import REPO, SHARED_IMAGENET, needs_shared_imagenet, torchvision_metrics, write_tiny_imagenet
 
 REQUIRED = ["model", "calib.method", "calib.num_images", "calib.seconds", "calib.peak_rss_mb", "fp32.top1",
             "fp32.top5", "int8.top1", "int8.top5", "agreement_top1", "eval.num_images", "reference.top1",
@@ -62,7 +62,7 @@ def test_tiny_run_reports_every_field_then_reuses_its_artifacts(tmp_path, flat):
     assert on_disk["calib"]["peak_rss_mb"] > 0 and on_disk["calib"]["seconds"] > 0
     for precision in ("fp32", "int8"):
         assert 0 <= on_disk[precision]["top1"] <= on_disk[precision]["top5"] <= 100
-    assert on_disk["reference"]["top1"] == 60.552
+    assert on_disk["reference"]["top1"] == torchvision_metrics("shufflenet_v2_x0_5")["acc@1"]
     assert on_disk["calib"]["list"] is None  # the committed ImageNet list's images are not in this folder
     assert on_disk["export"]["max_abs_diff"] < 1e-3
     assert on_disk["onnx"]["int8_opset"] == 13 and on_disk["onnx"]["fp32_opset"] == 11
@@ -264,6 +264,6 @@ def test_any_torchvision_classifier_by_name(tmp_path):
                           "export.check_images=2"])
     report = Pipeline(cfg, tmp_path / "r").run()
     assert report["model"] == "mobilenet_v3_small"
-    assert report["reference"]["top1"] == pytest.approx(67.668)
+    assert report["reference"]["top1"] == pytest.approx(torchvision_metrics("mobilenet_v3_small", "DEFAULT")["acc@1"])
     with pytest.raises(ConfigError, match=r"set model.name=\.\.\."):
         Pipeline(compose_config(["+model=torchvision", f"data.root={data}"]), tmp_path / "r2")
