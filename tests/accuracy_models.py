@@ -9,7 +9,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantize.stages.calibrate import Calibration, save_ranges
-from quantize.accuracy.sensitivity import expose, plain_session
+from quantize.accuracy.sensitivity import expose
+from quantize.core.runtime import make_session
 
 OPSET = [helper.make_opsetid("", 13)]
 
@@ -87,7 +88,7 @@ def minmax_ranges(model: onnx.ModelProto, batches: list[np.ndarray], path: Path,
     """MinMax ranges of every float tensor (optionally widened ``widen`` times: a deliberately coarse quantization),
     written in ONNX Runtime's calibration-cache format."""
     names = ["x"] + [o for n in model.graph.node for o in n.output]
-    session = plain_session(expose(model, names), optimize=False)
+    session = make_session(expose(model, names), level="disable")
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     for b in batches:

@@ -33,7 +33,8 @@ from onnx import helper, numpy_helper
 
 from quantize.core.errors import ConfigError
 from quantize.core.memory import peak_rss_mb
-from quantize.accuracy.sensitivity import expose, plain_session
+from quantize.accuracy.sensitivity import expose
+from quantize.core.runtime import make_session
 from quantize.graph.onnx_graph import attr, constant_nodes_to_initializers
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class ChannelMeans:
 def channel_means(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray],
                   threads: int = 0) -> tuple[list[np.ndarray], int]:
     """Mean of every channel (axis 1) of ``tensors`` over ``batches``, running the graph exactly as written."""
-    session = plain_session(expose(model, tensors), threads=threads, optimize=False)
+    session = make_session(expose(model, tensors), threads=threads, level="disable")
     feed = session.get_inputs()[0].name
     acc = [ChannelMeans() for _ in tensors]
     count = 0
@@ -167,7 +168,7 @@ class _SegmentRunner:
              for n in dict.fromkeys(self.outputs[k] + extra_outputs)],
             [self.initializers[n] for n in used if n in self.initializers])
         sub = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-        return plain_session(sub.SerializeToString(), threads=self.threads, optimize=False)
+        return make_session(sub.SerializeToString(), threads=self.threads, level="disable")
 
 
 def _bias_of(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[onnx.TensorProto, np.ndarray | None] | None:

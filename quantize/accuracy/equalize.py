@@ -37,7 +37,8 @@ from onnx import numpy_helper
 
 from quantize.core.artifacts import atomic_path
 from quantize.core.errors import ConfigError
-from quantize.accuracy.sensitivity import expose, plain_session
+from quantize.accuracy.sensitivity import expose
+from quantize.core.runtime import make_session
 from quantize.graph.onnx_graph import attr
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def find_pairs(model: onnx.ModelProto) -> list[Pair]:
 def channel_max(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray], threads: int = 0
                 ) -> tuple[list[np.ndarray], int]:
     """Largest value of every channel (axis 1) of ``tensors`` over ``batches``."""
-    session = plain_session(expose(model, tensors), threads=threads, optimize=True)
+    session = make_session(expose(model, tensors), threads=threads, level="all")
     feed = session.get_inputs()[0].name
     result: list[np.ndarray | None] = [None] * len(tensors)
     count = 0

@@ -23,30 +23,13 @@ from typing import Any, Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from quantize.core.errors import ConfigError, ModelError
+from quantize.core.runtime import make_session
 
 log = logging.getLogger(__name__)
 
 Q_SUFFIXES = ("_QuantizeLinear_Input", "_QuantizeLinear_Output", "_DequantizeLinear_Output")
-
-
-def plain_session(model: str | Path | bytes, threads: int = 0, optimize: bool = False) -> ort.InferenceSession:
-    """A CPU session; with ``optimize=False`` ONNX Runtime runs the graph exactly as written (QDQ emulated in
-    float), which is what makes the DequantizeLinear outputs readable."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types
-        raise ModelError(f"ONNX Runtime cannot load {'in-memory model' if isinstance(model, bytes) else model}: "
-                         f"{str(exc).splitlines()[0]}") from exc
 
 
 def expose(model: onnx.ModelProto, tensors: Iterable[str]) -> bytes:
@@ -184,8 +167,8 @@ def analyze(fp32_path: Path, int8_path: Path, batches: Iterable[np.ndarray], thr
     fp32_out, int8_out = fp32.graph.output[0].name, int8.graph.output[0].name
     f_names = [p.fp32 for p in pairs]
     q_names = [p.int8 for p in pairs]
-    f_session = plain_session(expose(fp32, f_names), threads=threads, optimize=False)
-    q_session = plain_session(expose(int8, q_names), threads=threads, optimize=False)
+    f_session = make_session(expose(fp32, f_names), threads=threads, level="disable")
+    q_session = make_session(expose(int8, q_names), threads=threads, level="disable")
     producers, _ = _fp32_tensors(fp32)
     quantized = {p.fp32 for p in pairs}
     del fp32, int8

@@ -27,7 +27,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
 from quantize.core.errors import ConfigError
-from quantize.accuracy.sensitivity import expose, plain_session
+from quantize.accuracy.sensitivity import expose
+from quantize.core.runtime import make_session
 from quantize.graph.onnx_graph import attr
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def round_weights(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterabl
     if not layers:
         return result
     inputs = list(dict.fromkeys(layer.input for layer in layers))
-    session = plain_session(expose(fp32, inputs), threads=threads, optimize=False)
+    session = make_session(expose(fp32, inputs), threads=threads, level="disable")
     feed = session.get_inputs()[0].name
     by_input: dict[str, list[_Layer]] = {}
     for layer in layers:

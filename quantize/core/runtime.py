@@ -18,11 +18,12 @@ LEVELS = {
 }
 
 
-def make_session(model: str | Path | bytes, threads: int = 0, basic_optimizations_only: bool = False,
+def make_session(model: str | Path | bytes, threads: int = 0,
                  level: str | None = None, optimized_model_path: str | Path | None = None,
                  memory_pattern: bool = True, spinning: bool = True) -> ort.InferenceSession:
     """A CPU session; ``threads=0`` lets ONNX Runtime use every core. ``level`` is the graph optimization level
-    (default: all); ``optimized_model_path`` saves the graph ONNX Runtime actually runs. ``memory_pattern=False``
+    (default: all; ``"disable"`` runs the graph exactly as written, QDQ emulated in float, which is what makes
+    DequantizeLinear outputs readable); ``optimized_model_path`` saves the graph ONNX Runtime actually runs. ``memory_pattern=False``
     stops ONNX Runtime from planning one block for all intermediates on top of what its arena already holds after
     the first run (with both, the second run doubles the resident memory). ``spinning=False`` makes idle
     intra-op threads sleep instead of spinning: cheaper when other threads of the process want the cores."""
@@ -33,8 +34,6 @@ def make_session(model: str | Path | bytes, threads: int = 0, basic_optimization
     options.enable_mem_pattern = memory_pattern
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if basic_optimizations_only:
-        level = "basic"
     if level is not None:
         options.graph_optimization_level = LEVELS[level]
     if optimized_model_path is not None:

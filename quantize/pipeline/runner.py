@@ -29,7 +29,7 @@ from quantize.config import STAGES, CalibConfig, Config, EvalConfig
 from quantize.data.crop_cache import open_cache
 from quantize.data.samples import Sample, balanced_subset, iter_batches, list_samples, samples_digest
 from quantize.core.errors import ConfigError
-from quantize.stages.evaluate import evaluate
+from quantize.stages.evaluate import FULL_VAL, evaluate
 from quantize.stages.export import Exported, export_onnx, import_onnx
 from quantize.graph.optimize import VERSION as GRAPH_OPT_VERSION
 from quantize.data.image_list import match_image_list, read_image_list
@@ -341,7 +341,7 @@ class Pipeline(AccuracyStages):
                     "images_per_second": result.images_per_second,
                     "stage_images_per_second": result.stage_images_per_second,
                     "stage_seconds": result.stage_seconds, "threads": result.threads,
-                    "minutes_for_50000": 50000 / result.images_per_second / 60}
+                    "minutes_for_50000": FULL_VAL / result.images_per_second / 60}
 
         return self._stage("evaluate", inputs, work)
 

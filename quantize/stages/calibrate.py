@@ -281,9 +281,9 @@ def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str = "per
     reset_peak_rss()
     started = time.perf_counter()
     if not expose:
-        measured_ranges, count, helper_mib = _run_minmax(session, plan.measured, mins, maxs, batches)
+        measured_ranges, count = _run_minmax(session, plan.measured, mins, maxs, batches)
     else:
-        measured_ranges, count, helper_mib = _run_in_thread(session, plan.measured, mins, maxs, shapes, batches,
+        measured_ranges, count = _run_in_thread(session, plan.measured, mins, maxs, shapes, batches,
                                                             method, percentile, num_bins)
     if count == 0:
         raise ConfigError("calibration received no images")
@@ -292,7 +292,7 @@ def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str = "per
         ranges[name] = ranges[source]
     ranges = {name: tuple(map(float, ranges[name])) for name in tensors}
     seconds = time.perf_counter() - started
-    result = Calibration(ranges, method, count, seconds, peak_rss_mb() + helper_mib, measured=len(plan.measured),
+    result = Calibration(ranges, method, count, seconds, peak_rss_mb(), measured=len(plan.measured),
                          graph_opt=rewrites)
     log.info("calibrated %d tensors (%d measured) on %d images with %s in %.1f s, peak RSS %.0f MiB",
              len(ranges), len(plan.measured), count, method, seconds, result.peak_rss_mb)
@@ -334,7 +334,7 @@ def _run_minmax(session, measured, mins, maxs, batches):
         np.minimum(low, lows, out=low)
         np.maximum(high, highs, out=high)
         count += len(batch)
-    return list(zip(low.tolist(), high.tolist())), count, 0.0
+    return list(zip(low.tolist(), high.tolist())), count
 
 
 def _run_in_thread(session, measured, mins, maxs, shapes, batches, method, percentile, num_bins, workers=2):
@@ -414,7 +414,7 @@ def _run_in_thread(session, measured, mins, maxs, shapes, batches, method, perce
             t.join()
     if failure:
         raise failure[0]
-    return [tuple(map(float, c.range())) for c in collectors], count, 0.0
+    return [tuple(map(float, c.range())) for c in collectors], count
 
 
 def save_ranges(calibration: Calibration, path: Path) -> None:

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 from quantize.accuracy.bias_correction import channel_means, correct_biases
 from quantize.accuracy.equalize import channel_max, equalize, find_pairs
 from quantize.accuracy.refine import transfer
-from quantize.accuracy.sensitivity import plain_session
+from quantize.core.runtime import make_session
 from quantize.stages.static_quant import quantize_model
 from quantize.accuracy.weight_rounding import round_weights
 
@@ -58,7 +58,7 @@ def test_bias_correction_shrinks_the_mean_output_error_per_channel(quantized):
     changed = {n for n, v in _int_initializers(int8).items() if not np.array_equal(v, before_ints[n])}
     assert changed and all(before_ints[n].dtype == np.int32 for n in changed)
     onnx.checker.check_model(int8)
-    plain_session(int8.SerializeToString(), optimize=True)
+    make_session(int8.SerializeToString(), level="all")
 
 
 def test_bias_correction_on_held_out_images_still_helps(quantized):
@@ -70,7 +70,7 @@ def test_bias_correction_on_held_out_images_still_helps(quantized):
 
 
 def _logits(model, data):
-    session = plain_session(model.SerializeToString(), optimize=True)
+    session = make_session(model.SerializeToString(), level="all")
     return np.concatenate([session.run(None, {"x": b})[0] for b in data])
 
 
