@@ -40,10 +40,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run(cfg: DictConfig) -> None:
-    from quantize.pipeline.runner import Pipeline  # heavy imports after Hydra has parsed the command line
+    from quantize.api import run_pipeline  # heavy imports after Hydra has parsed the command line
 
     try:
-        Pipeline(cfg, Path(HydraConfig.get().runtime.output_dir)).run()
+        run_pipeline(cfg, HydraConfig.get().runtime.output_dir)
     except QuantizeError as exc:
         fail(str(exc))
     except OSError as exc:  # disk full, read-only or missing output folder: the environment, not a bug

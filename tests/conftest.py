@@ -17,6 +17,17 @@ def torchvision_metrics(name: str, weights: str = "IMAGENET1K_V1") -> dict[str, 
     return torchvision.models.get_model_weights(name)[weights].meta["_metrics"]["ImageNet-1K"]
 
 
+def compose_config(overrides):
+    """The config ``python -m quantize`` would run with these command-line overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from quantize.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def needs_shared_imagenet():
     return pytest.mark.skipif(not (SHARED_IMAGENET / "sample").is_dir(),
                               reason="../shared/data/imagenet is absent (fresh clone)")

@@ -10,27 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
-from quantize.config import register_configs
 from quantize.data.crop_cache import build_cache
 from quantize.data.samples import list_samples
 from quantize.core.errors import ConfigError, DataError, ModelError
 from quantize.pipeline.runner import Pipeline
 from quantize.data.preprocess import Preprocess
 
-from conftest import REPO, SHARED_IMAGENET, needs_shared_imagenet, torchvision_metrics, write_tiny_imagenet
+from conftest import REPO, SHARED_IMAGENET, compose_config, needs_shared_imagenet, torchvision_metrics, write_tiny_imagenet
 
 REQUIRED = ["model", "calib.method", "calib.num_images", "calib.seconds", "calib.peak_rss_mb", "fp32.top1",
             "fp32.top5", "int8.top1", "int8.top5", "agreement_top1", "eval.num_images", "reference.top1",
             "reference.top5", "export.max_abs_diff", "onnx.fp32_path", "onnx.int8_path", "onnx.int8_opset",
             "config", "versions"]
-
-
-def compose_config(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def dotted(report, key):
