@@ -12,7 +12,12 @@ from omegaconf import MISSING, OmegaConf
 
 from quantize.core.errors import ConfigError
 
+# What a run does by default; each must be listed in stages= (or be cached) to run.
 STAGES = ["export", "calibrate", "quantize", "evaluate", "report"]
+# Every stage that can be named in stages=, in the order they run. The ones not in STAGES run when the config
+# asks for them (quant.equalize, quant.weight_rounding, ...) or when named.
+ALL_STAGES = ["export", "equalize", "optimize", "calibrate", "quantize", "refine", "budget", "evaluate",
+              "sensitivity", "speed", "report"]
 
 
 class Choice(str, Enum):
@@ -148,11 +153,13 @@ class QuantConfig:
     bias_correction: bool = False  # int32 biases moved so each Conv/Gemm's mean output per channel matches fp32
     refine_images: Optional[int] = None  # calibration images GPTQ reads (streamed; default: all of them)
     bias_correction_images: int = 200  # calibration images bias correction reads (held in memory: ~15 MiB each)
+    batch_size: int = 8            # images per batch for equalize, GPTQ and bias correction
     # Accuracy budget: keep the nodes that hurt most in fp32 until int8 loses at most max_drop top-1 points on a
     # tuning subset of the calibration images (left out of the final evaluation). null: no budget.
     max_drop: Optional[float] = None
     max_trials: int = 8            # quantize + evaluate trials the budget may spend
     tune_images: int = 100         # size of the tuning subset (class-balanced, from the calibration images)
+    tune_batch_size: int = 32      # images per batch when the budget scores a trial
 
 
 @dataclass
@@ -166,10 +173,11 @@ class EvalConfig:
 
 @dataclass
 class AnalysisConfig:
-    sensitivity: bool = False      # per-node SQNR of int8 vs fp32, ranked, with a plot (on whenever quant.max_drop is)
+    sensitivity: bool = False      # per-node SQNR of int8 vs fp32, ranked, with a plot
     sensitivity_images: int = 32   # calibration images it runs on
     sensitivity_top: int = 15      # rows in report.md (report.json has every tensor)
-    speed: bool = False            # int8 / fp32 latency ratio, a cached stage (on whenever quant.max_drop is)
+    sensitivity_batch_size: int = 8
+    speed: bool = False            # int8 / fp32 latency ratio, a cached stage
     speed_batch_size: int = 1
     speed_runs: int = 100          # timed runs per model (alternating blocks); speedup: ratio of medians
 
@@ -183,7 +191,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    stages: List[str] = field(default_factory=lambda: list(STAGES))  # any of ALL_STAGES
     work_dir: str = "artifacts"    # stage artifacts, reused across runs: <work_dir>/<model.name>/<stage>-<key>/
     threads: int = 0               # ONNX Runtime intra-op threads (0: all cores)
 

@@ -1,37 +1,39 @@
 """The pipeline's accuracy stages: equalize, refine (GPTQ, bias correction), budget, sensitivity, speed.
 
-A mixin of :class:`quantize.pipeline.runner.Pipeline`, so each stage is cached like the others (``_stage``: a directory
-keyed by everything the stage reads, ``record.json`` written last). None of them runs with the default config:
+Run by the pipeline through the :class:`StageHost` interface declared here (``stage``: a directory keyed by
+everything the stage reads, ``record.json`` written last), so each is cached like the others and can be named in
+``stages=``. None of them runs with the default config:
 
 - ``equalize`` (``quant.equalize``): an equalized fp32 copy that calibration and quantization read instead of the
   export;
 - ``refine`` (``quant.weight_rounding=gptq``, ``quant.bias_correction``): the quantized model with GPTQ-rounded
   weights and corrected biases;
 - ``budget`` (``quant.max_drop``): nodes kept in fp32 until the drop on a tuning subset fits;
-- ``sensitivity`` (``analysis.sensitivity``, or with a budget): per-tensor SQNR of the final int8 model, a table
-  and a PNG;
-- ``speed`` (``analysis.speed``, or with a budget): int8 / fp32 latency, measured once per model pair and machine.
+- ``sensitivity`` (``analysis.sensitivity``): per-tensor SQNR of the final int8 model, a table and a PNG;
+- ``speed`` (``analysis.speed``): int8 / fp32 latency, measured once per model pair and machine.
 
 The fp32 model that evaluation compares against is always the export.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Protocol
 
+import numpy as np
 import onnx
 
 from quantize.accuracy.budget import TuneSet, rank_candidates, search
 from quantize.core.artifacts import file_sha256, write_json
 from quantize.data.samples import Sample, balanced_subset, samples_digest
 from quantize.accuracy.equalize import equalize
+from quantize.config import Config, EvalConfig
 from quantize.core.errors import ConfigError
+from quantize.data.preprocess import Preprocess
 from quantize.pipeline.plots import sqnr_bars
 from quantize.accuracy.refine import refine, transfer
 from quantize.accuracy.sensitivity import analyze, render_table
@@ -44,7 +46,32 @@ log = logging.getLogger(__name__)
 VERSIONS = {"equalize": 1, "refine": 2, "budget": 2, "sensitivity": 2, "speed": 4}
 
 
+class StageHost(Protocol):
+    """What the accuracy stages need from the pipeline that runs them."""
+
+    cfg: Config
+    records: dict[str, dict[str, Any]]
+    preprocess: Preprocess
+
+    def get(self, stage: str) -> dict[str, Any]: ...
+
+    def stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]: ...
+
+    def samples(self, section: EvalConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]: ...
+
+    def calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]: ...
+
+    def batches(self, samples: list[Sample], root: Path, batch_size: int, desc: str | None
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
 class AccuracyStages:
+    def __init__(self, host: StageHost):
+        self.host = host
+        self.cfg = host.cfg
+        self.records = host.records
+        self.preprocess = host.preprocess
+
     # --- switches ---------------------------------------------------------------------------------------------
     def _refining(self) -> bool:
         q = self.cfg.quant
@@ -54,21 +81,19 @@ class AccuracyStages:
         return self.cfg.quant.max_drop is not None
 
     # --- which models the stages read -------------------------------------------------------------------------
-    def quant_source(self) -> dict[str, Any]:
-        """The fp32 record that calibration and quantization read: the export, or its equalized copy."""
-        if self.cfg.quant.equalize:
-            return self.records.get("equalize") or self.equalize()
-        return self.records.get("export") or self.export()
+    def fp32_source(self) -> dict[str, Any]:
+        """The fp32 record the graph rewrites read: the export, or its equalized copy."""
+        return self.host.get("equalize" if self.cfg.quant.equalize else "export")
 
     def final_int8(self) -> dict[str, Any]:
         """The int8 record evaluated and reported: after the budget, else after refinement, else as quantized."""
         if self._budgeted():
-            return self.records.get("budget") or self.budget()
+            return self.host.get("budget")
         if self._refining():
-            return self.records.get("refine") or self.refine()
-        return self.records.get("quantize") or self.quantize()
+            return self.host.get("refine")
+        return self.host.get("quantize")
 
-    def _quant_options(self, extra_excluded: list[str] | None = None) -> dict[str, Any]:
+    def quant_options(self, extra_excluded: list[str] | None = None) -> dict[str, Any]:
         q = self.cfg.quant
         return dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
                     per_channel=q.per_channel, reduce_range=q.reduce_range, opset=q.opset,
@@ -77,7 +102,7 @@ class AccuracyStages:
 
     # --- images ----------------------------------------------------------------------------------------------
     def _calibration_subset(self, n: int | None) -> tuple[list[Sample], Path]:
-        samples, root, _ = self._calibration_samples()
+        samples, root, _ = self.host.calibration_samples()
         if n is not None and n < len(samples):
             samples = balanced_subset(samples, n, seed=self.cfg.calib.seed)
         return samples, root
@@ -92,7 +117,7 @@ class AccuracyStages:
     def eval_samples(self) -> tuple[list[Sample], Path]:
         """The evaluation images; with a budget, without the tuning subset (disjoint by file)."""
         e = self.cfg.eval
-        samples, root = self._samples(e, e.limit, e.seed)
+        samples, root = self.host.samples(e, e.limit, e.seed)
         if not self._budgeted():
             return samples, root
         tuned = {s.path.resolve() for s in self.tune_samples()[0]}
@@ -105,12 +130,13 @@ class AccuracyStages:
                      len(samples) - len(kept), len(samples))
         return kept, root
 
-    def _image_batches(self, samples: list[Sample], root: Path, desc: str | None = None):
-        return (images for images, _ in self._batches(samples, root, self.cfg.calib.batch_size, desc=desc))
+    def _image_batches(self, samples: list[Sample], root: Path, desc: str | None = None, batch_size: int | None = None):
+        size = batch_size or self.cfg.quant.batch_size
+        return (images for images, _ in self.host.batches(samples, root, size, desc=desc))
 
     # --- stages ----------------------------------------------------------------------------------------------
     def equalize(self) -> dict[str, Any]:
-        exported = self.records.get("export") or self.export()
+        exported = self.host.get("export")
         samples, root = self._calibration_subset(None)
         inputs = {"model_sha256": exported["sha256"], "images": samples_digest(samples, root),
                   "preprocess": self.preprocess.key(), "version": VERSIONS["equalize"]}
@@ -124,11 +150,11 @@ class AccuracyStages:
                     "channels_scaled": sum(p["scaled"] for p in result.pairs), "num_images": result.num_images,
                     "seconds": result.seconds}
 
-        return self._stage("equalize", inputs, work)
+        return self.host.stage("equalize", inputs, work)
 
     def refine(self) -> dict[str, Any]:
-        source = self.quant_source()
-        quantized = self.records.get("quantize") or self.quantize()
+        source = self.host.get("optimize")
+        quantized = self.host.get("quantize")
         q = self.cfg.quant
         samples, root = self._calibration_subset(q.refine_images)
         corr_samples, _ = self._calibration_subset(min(q.bias_correction_images, q.refine_images or 1 << 30))
@@ -140,43 +166,40 @@ class AccuracyStages:
 
         def work(stage_dir: Path) -> dict[str, Any]:
             path = stage_dir / "model.int8.onnx"
-            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            reference = Path(source["path"])  # the rewritten fp32 graph the int8 model was quantized from
             details = refine(reference, Path(quantized["path"]), path,
                              lambda: self._image_batches(samples, root, None), weight_rounding=q.weight_rounding,
                              bias_correction=bool(q.bias_correction), threads=self.cfg.threads,
                              correction_batches=lambda: self._image_batches(corr_samples, root, None))
-            if reference != Path(source["path"]):
-                reference.unlink()
             return {"path": str(path), "sha256": file_sha256(path), "opset": quantized["opset"],
                     "num_images": len(samples), "correction_images": len(corr_samples), **details}
 
-        return self._stage("refine", inputs, work)
+        return self.host.stage("refine", inputs, work)
 
     def budget(self) -> dict[str, Any]:
-        exported = self.records.get("export") or self.export()
-        source = self.quant_source()
-        calibrated = self.records.get("calibrate") or self.calibrate()
-        start = (self.records.get("refine") or self.refine()) if self._refining() else \
-            (self.records.get("quantize") or self.quantize())
+        exported = self.host.get("export")
+        source = self.host.get("optimize")
+        calibrated = self.host.get("calibrate")
+        start = self.host.get("refine" if self._refining() else "quantize")
         q, a = self.cfg.quant, self.cfg.analysis
         if q.max_trials < 0:
             raise ConfigError(f"quant.max_trials={q.max_trials} must be >= 0")
         samples, root = self.tune_samples()
         inputs = {"fp32_sha256": exported["sha256"], "source_sha256": source["sha256"],
                   "ranges_sha256": calibrated["sha256"], "start_sha256": start["sha256"],
-                  "options": self._quant_options(), "method": calibrated["method"], "max_drop": q.max_drop,
+                  "options": self.quant_options(), "method": calibrated["method"], "max_drop": q.max_drop,
                   "max_trials": q.max_trials, "images": samples_digest(samples, root),
                   "sensitivity_images": a.sensitivity_images, "preprocess": self.preprocess.key(),
                   "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["budget"]}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             tune = TuneSet(Path(exported["path"]),
-                           self._batches(samples, root, self.cfg.eval.batch_size, desc="budget: tuning set"),
+                           self.host.batches(samples, root, q.tune_batch_size, desc="budget: tuning set"),
                            threads=self.cfg.threads)
             ranking_images = samples[: a.sensitivity_images]
-            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
+            reference = Path(source["path"])
             sensitivity = analyze(reference, Path(start["path"]),
-                                  self._image_batches(ranking_images, root, None), threads=self.cfg.threads)
+                                  self._image_batches(ranking_images, root, None, a.sensitivity_batch_size), threads=self.cfg.threads)
             fp32_model = onnx.load(str(reference))
             int8_nodes = [n.name for n in onnx.load(start["path"]).graph.node]
             ranking = rank_candidates(sensitivity, fp32_model, int8_nodes, already=q.nodes_to_exclude)
@@ -192,7 +215,7 @@ class AccuracyStages:
                     return tune.score(Path(start["path"]))
                 path = trials_dir / f"trial{len(written) + 1}.int8.onnx"
                 quantize_model(Path(source["path"]), Path(calibrated["path"]), path, method=calibrated["method"],
-                               **self._quant_options(extra))
+                               optimize_graph=False, **self.quant_options(extra))
                 if refined is not None:  # carry GPTQ weights and corrected biases over to the nodes still int8
                     model = onnx.load(str(path))
                     transfer(refined, model)
@@ -212,10 +235,10 @@ class AccuracyStages:
             record["ranking"] = record["ranking"][:30]
             return record
 
-        return self._stage("budget", inputs, work)
+        return self.host.stage("budget", inputs, work)
 
     def sensitivity(self) -> dict[str, Any]:
-        source = self.quant_source()
+        source = self.host.get("optimize")
         final = self.final_int8()
         a = self.cfg.analysis
         samples, root = self._calibration_subset(a.sensitivity_images)
@@ -223,11 +246,9 @@ class AccuracyStages:
                   "preprocess": self.preprocess.key(), "version": VERSIONS["sensitivity"]}
 
         def work(stage_dir: Path) -> dict[str, Any]:
-            reference = quantized_graph(Path(source["path"]), stage_dir / "fp32.quantized_graph.onnx")
-            result = analyze(reference, Path(final["path"]),
-                             self._image_batches(samples, root, "sensitivity"), threads=self.cfg.threads)
-            if reference != Path(source["path"]):
-                reference.unlink()
+            result = analyze(Path(source["path"]), Path(final["path"]),
+                             self._image_batches(samples, root, "sensitivity", a.sensitivity_batch_size),
+                             threads=self.cfg.threads)
             data = result.as_json()
             write_json(stage_dir / "sensitivity.json", data)
             ranked = result.ranked()
@@ -239,15 +260,15 @@ class AccuracyStages:
                     "output_sqnr_db": data["output_sqnr_db"], "num_images": result.num_images,
                     "num_tensors": len(result.tensors), "seconds": result.seconds,
                     "reference": ("equalized " if self.cfg.quant.equalize else "")
-                    + "fp32 model as the quantizer saw it (after graph_opt)",
+                    + "fp32 model as the quantizer saw it (after the optimize stage)",
                     "worst": [t.as_json() for t in ranked[: a.sensitivity_top]],
                     "most_added": [t.as_json() for t in result.by_added()[: a.sensitivity_top]],
                     "table": render_table(result, a.sensitivity_top)}
 
-        return self._stage("sensitivity", inputs, work)
+        return self.host.stage("sensitivity", inputs, work)
 
     def speed(self) -> dict[str, Any]:
-        exported = self.records.get("export") or self.export()
+        exported = self.host.get("export")
         final = self.final_int8()
         a = self.cfg.analysis
         models = {"fp32": exported, "int8": final}
@@ -263,29 +284,14 @@ class AccuracyStages:
                               threads=self.cfg.threads, runs=a.speed_runs)
             return {**latency.as_dict(), "int8_speedup": latency.speedup["int8"]}
 
-        return self._stage("speed", inputs, work)
+        return self.host.stage("speed", inputs, work)
 
     def analyses(self) -> None:
         """The optional analysis stages the config asks for (after evaluation)."""
-        if self.cfg.analysis.sensitivity or self._budgeted():
-            self.records.get("sensitivity") or self.sensitivity()
-        if self.cfg.analysis.speed or self._budgeted():
-            self.records.get("speed") or self.speed()
-
-
-def quantized_graph(source: Path, out: Path) -> Path:
-    """The fp32 graph that ``quantize_model`` really quantizes: it first applies ``graph_opt.optimize`` (exact
-    rewrites: Pads folded into convolutions, ShuffleNet's channel shuffle folded into weights, ...), so per-tensor
-    and per-weight comparisons must be made against that graph, not the export. Returns ``source`` itself when the
-    quantizer does not rewrite."""
-    option = inspect.signature(quantize_model).parameters.get("optimize_graph")
-    if option is None or not option.default:
-        return source
-    from quantize.graph import optimize as graph_opt
-
-    model, _ = graph_opt.optimize(onnx.load(str(source)))
-    onnx.save(model, str(out))
-    return out
+        if self.cfg.analysis.sensitivity:
+            self.host.get("sensitivity")
+        if self.cfg.analysis.speed:
+            self.host.get("speed")
 
 
 def _db(value: float | None) -> str:

@@ -19,19 +19,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import onnx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from quantize.pipeline.accuracy_stages import AccuracyStages
 from quantize.core.artifacts import atomic_path, file_sha256, key_of, read_json, write_json
 from quantize.stages.calibrate import METHOD_VERSIONS, calibrate, save_ranges
-from quantize.config import STAGES, CalibConfig, Config, EvalConfig
+from quantize.config import ALL_STAGES, STAGES, CalibConfig, Config, EvalConfig
 from quantize.data.crop_cache import open_cache
 from quantize.data.samples import Sample, balanced_subset, iter_batches, list_samples, samples_digest
 from quantize.core.errors import ConfigError
 from quantize.stages.evaluate import FULL_VAL, evaluate
 from quantize.stages.export import Exported, export_onnx, import_onnx
-from quantize.graph.optimize import VERSION as GRAPH_OPT_VERSION
+from quantize.graph.optimize import VERSION as GRAPH_OPT_VERSION, optimize as optimize_graph
 from quantize.data.image_list import match_image_list, read_image_list
 from quantize.data.preprocess import Preprocess
 from quantize.pipeline.report import write_report
@@ -126,16 +127,21 @@ def _save_predictions(directory: Path, top: np.ndarray, fp32_sha256: str) -> Non
                                            "file": PREDICTIONS, "sha256": file_sha256(directory / PREDICTIONS)})
 
 
-class Pipeline(AccuracyStages):
+class Pipeline:
+    """The stage graph: which stage feeds which, each cached under a key of everything it reads.
+
+    The core stages (export, optimize, calibrate, quantize, evaluate) are methods here; the accuracy stages live in
+    :class:`AccuracyStages`, which reads this pipeline through the :class:`StageHost` interface it declares."""
+
     def __init__(self, cfg: DictConfig | Config, run_dir: Path):
         if not isinstance(cfg, Config):
             _require_complete(cfg)
             cfg = OmegaConf.to_object(cfg)
         self.cfg: Config = cfg
         self.run_dir = Path(run_dir)
-        unknown = [s for s in cfg.stages if s not in STAGES]
+        unknown = [s for s in cfg.stages if s not in ALL_STAGES]
         if unknown:
-            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(ALL_STAGES)}")
         self.stages = list(cfg.stages)
         # A narrowed stage list means "recompute these"; the full list reuses whatever is cached.
         self.force = set(self.stages) if set(self.stages) != set(STAGES) else set()
@@ -144,6 +150,14 @@ class Pipeline(AccuracyStages):
         self.preprocess = Preprocess(resize=p.resize, crop=p.crop, mean=tuple(p.mean), std=tuple(p.std))
         self.records: dict[str, dict[str, Any]] = {}
         self._sample_cache: dict[tuple, list[Sample]] = {}
+        self.accuracy = AccuracyStages(self)
+
+    def get(self, stage: str) -> dict[str, Any]:
+        """The record of ``stage`` in this run, running (or reusing) the stage first if needed."""
+        if stage not in self.records:
+            owner = self if stage in ("export", "optimize", "calibrate", "quantize", "evaluate") else self.accuracy
+            getattr(owner, stage)()
+        return self.records[stage]
 
     # --- data -------------------------------------------------------------------------------------------------
     def _root(self, section: CalibConfig | EvalConfig) -> tuple[Path, str | None]:
@@ -152,7 +166,7 @@ class Pipeline(AccuracyStages):
             raise ConfigError("no dataset given: set data.root=PATH (ImageNet val, synset folders or flat + labels)")
         return Path(root).expanduser().resolve(), section.labels or self.cfg.data.labels
 
-    def _samples(self, section: CalibConfig | EvalConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]:
+    def samples(self, section: CalibConfig | EvalConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]:
         root, labels = self._root(section)
         key = (root, labels, limit, seed)
         if key not in self._sample_cache:
@@ -160,13 +174,13 @@ class Pipeline(AccuracyStages):
             self._sample_cache[key] = balanced_subset(samples, limit, seed=seed) if limit else samples
         return self._sample_cache[key], root
 
-    def _calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]:
+    def calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]:
         """The committed list when the calibration folder holds its images, else a class-balanced selection."""
         c = self.cfg.calib
         if c.list:
             list_path = _project_path(c.list)
             entries = read_image_list(list_path)
-            everything, root = self._samples(c, None, c.seed)
+            everything, root = self.samples(c, None, c.seed)
             present = {s.path.name for s in everything}
             found = sum(name in present for name, _ in entries)
             if found:
@@ -176,10 +190,10 @@ class Pipeline(AccuracyStages):
                 return listed, root, {"list": str(list_path), "list_sha256": file_sha256(list_path)}
             log.info("calibrate: none of the %d images of calib.list=%s are in %s (not ImageNet val); selecting "
                      "%d images class-balanced from the folder instead", len(entries), c.list, root, c.num_images)
-        samples, root = self._samples(c, c.num_images, c.seed)
+        samples, root = self.samples(c, c.num_images, c.seed)
         return samples, root, {"list": None, "list_sha256": None}
 
-    def _batches(self, samples: list[Sample], root: Path, batch_size: int, desc: str | None):
+    def batches(self, samples: list[Sample], root: Path, batch_size: int, desc: str | None):
         """Decoded batches, read from a matching preprocessed cache in data.cache_dir when there is one."""
         if self.cfg.data.cache_dir:
             cache = open_cache(samples, root, self.preprocess, Path(self.cfg.data.cache_dir))
@@ -189,7 +203,7 @@ class Pipeline(AccuracyStages):
         return iter_batches(samples, batch_size, self.preprocess, workers=self.cfg.data.workers, desc=desc)
 
     # --- stage plumbing ---------------------------------------------------------------------------------------
-    def _stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         key = key_of(inputs)
         stage_dir = self.model_dir / f"{stage}-{key}"
         with stage_lock(self.model_dir / f".{stage}-{key}.lock", stage):
@@ -204,7 +218,7 @@ class Pipeline(AccuracyStages):
         if record_path.exists() and stage not in self.force:
             log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
             return {**read_json(record_path), "cached": True}
-        if stage in STAGES and stage not in self.stages:  # accuracy stages (quantize.pipeline.accuracy_stages) always may run
+        if stage in STAGES and stage not in self.stages:  # the others run whenever the config asks for them
             raise ConfigError(f"stage '{stage}' is not in stages= and nothing is cached for these inputs; "
                               f"add it: stages=[{','.join(s for s in STAGES if s in self.stages or s == stage)}]")
         log.info("%s: running -> %s", stage, stage_dir)
@@ -245,7 +259,7 @@ class Pipeline(AccuracyStages):
             return {**_exported_record(exported), "params_m": count_parameters(model, ref.params_kind) / 1e6,
                     "ops_m": count_ops(model, ref.flops_kind) / 1e6, "ops_kind": ref.flops_kind}
 
-        return self._stage("export", inputs, work)
+        return self.stage("export", inputs, work)
 
     def _import_onnx(self) -> dict[str, Any]:
         source = Path(self.cfg.model.path).expanduser()
@@ -259,62 +273,76 @@ class Pipeline(AccuracyStages):
                                    num_classes=self.cfg.model.num_classes, threads=self.cfg.threads)
             return {**_exported_record(imported), "source": str(source)}
 
-        return self._stage("export", inputs, work)
+        return self.stage("export", inputs, work)
 
     def _check_batch(self):
         """A few real images (from the calibration folder) to compare the ONNX model against its source."""
-        samples, root = self._samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
-        return next(iter(self._batches(samples, root, len(samples), desc=None)))[0]
+        samples, root = self.samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
+        return next(iter(self.batches(samples, root, len(samples), desc=None)))[0]
+
+    def optimize(self) -> dict[str, Any]:
+        """The fp32 graph after the exact rewrites of ``quantize.graph``: what calibration, quantization and the
+        accuracy methods all read."""
+        source = self.accuracy.fp32_source()  # the export, or its equalized copy (quant.equalize)
+        inputs = {"model_sha256": source["sha256"], "graph_opt": GRAPH_OPT_VERSION}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            started = time.perf_counter()
+            model, report = optimize_graph(onnx.load(source["path"]))
+            path = stage_dir / "model.onnx"
+            with atomic_path(path) as tmp:
+                onnx.save(model, str(tmp))
+            rewrites = report.as_dict()
+            log.info("optimize: %s", ", ".join(f"{k} {v}" for k, v in rewrites.items()) or "nothing to rewrite")
+            return {"path": str(path), "sha256": file_sha256(path), "opset": source.get("opset"),
+                    "rewrites": rewrites, "seconds": time.perf_counter() - started}
+
+        return self.stage("optimize", inputs, work)
 
     def calibrate(self) -> dict[str, Any]:
-        exported = self.quant_source()  # the export, or its equalized copy (quant.equalize)
+        exported = self.get("optimize")
         c = self.cfg.calib
-        samples, root, image_list = self._calibration_samples()
+        samples, root, image_list = self.calibration_samples()
         inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
                   # only versions past 1 enter the key: cached calibrations of methods that never changed stay valid
                   **({"method_version": METHOD_VERSIONS[c.method]} if METHOD_VERSIONS.get(c.method, 1) > 1 else {}),
                   "percentile": c.percentile if c.method == "percentile" else None,
                   "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
-                  "images": samples_digest(samples, root), "preprocess": self.preprocess.key(),
-                  "graph_opt": GRAPH_OPT_VERSION}
+                  "images": samples_digest(samples, root), "preprocess": self.preprocess.key()}
 
         def work(stage_dir: Path) -> dict[str, Any]:
-            images = (batch for batch, _ in self._batches(samples, root, c.batch_size, desc="calibrate"))
+            images = (batch for batch, _ in self.batches(samples, root, c.batch_size, desc="calibrate"))
             result = calibrate(Path(exported["path"]), images, method=c.method, percentile=c.percentile,
-                               num_bins=c.num_bins, threads=self.cfg.threads)
+                               num_bins=c.num_bins, threads=self.cfg.threads, optimize_graph=False)
             ranges_path = stage_dir / "ranges.json"
             save_ranges(result, ranges_path)
             return {"path": str(ranges_path), "sha256": file_sha256(ranges_path), "method": result.method,
                     "num_images": result.num_images, "num_tensors": len(result.ranges), "seconds": result.seconds,
                     "peak_rss_mb": result.peak_rss_mb, "root": str(root), "measured_tensors": result.measured,
-                    "graph_opt": result.graph_opt, **image_list}
+                    **image_list}
 
-        return self._stage("calibrate", inputs, work)
+        return self.stage("calibrate", inputs, work)
 
     def quantize(self) -> dict[str, Any]:
-        exported = self.quant_source()
-        calibrated = self.records.get("calibrate") or self.calibrate()
-        q = self.cfg.quant
-        options = dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
-                       per_channel=q.per_channel, reduce_range=q.reduce_range, opset=q.opset,
-                       op_types=list(q.op_types) if q.op_types else None, nodes_to_exclude=list(q.nodes_to_exclude))
+        exported = self.get("optimize")
+        calibrated = self.get("calibrate")
+        options = self.accuracy.quant_options()
         inputs = {"model_sha256": exported["sha256"], "ranges_sha256": calibrated["sha256"],
-                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime"),
-                  "graph_opt": GRAPH_OPT_VERSION}
+                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime")}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             result = quantize_model(Path(exported["path"]), Path(calibrated["path"]), stage_dir / "model.int8.onnx",
-                                    method=calibrated["method"], **options)
+                                    method=calibrated["method"], optimize_graph=False, **options)
             return {"path": str(result.path), "opset": result.opset, "seconds": result.seconds,
                     "sha256": file_sha256(result.path)}
 
-        return self._stage("quantize", inputs, work)
+        return self.stage("quantize", inputs, work)
 
     def evaluate(self) -> dict[str, Any]:
-        exported = self.records.get("export") or self.export()
-        quantized = self.final_int8()  # after refine/budget when those are configured
+        exported = self.get("export")
+        quantized = self.accuracy.final_int8()  # after refine/budget when those are configured
         e = self.cfg.eval
-        samples, root = self.eval_samples()  # without the budget's tuning images
+        samples, root = self.accuracy.eval_samples()  # without the budget's tuning images
         images = samples_digest(samples, root)
         inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
                   "images": images, "limit": e.limit, "seed": e.seed, "preprocess": self.preprocess.key()}
@@ -329,7 +357,7 @@ class Pipeline(AccuracyStages):
                 models = {"fp32": Path(exported["path"]), **models}
             else:
                 log.info("evaluate: fp32 predictions on these images reused from %s; running int8 only", reference)
-            result = evaluate(models, self._batches(samples, root, e.batch_size, desc="evaluate"),
+            result = evaluate(models, self.batches(samples, root, e.batch_size, desc="evaluate"),
                               threads=self.cfg.threads, known={"fp32": known} if known is not None else None)
             if known is None:
                 _save_predictions(reference, result.predictions["fp32"], exported["sha256"])
@@ -343,16 +371,15 @@ class Pipeline(AccuracyStages):
                     "stage_seconds": result.stage_seconds, "threads": result.threads,
                     "minutes_for_50000": FULL_VAL / result.images_per_second / 60}
 
-        return self._stage("evaluate", inputs, work)
+        return self.stage("evaluate", inputs, work)
 
     def run(self) -> dict[str, Any] | None:
-        for stage in STAGES[:-1]:
-            if stage in self.stages and stage not in self.records:
-                getattr(self, stage)()
+        for stage in ALL_STAGES[:-1]:
+            if stage in self.stages:
+                self.get(stage)
         if "report" not in self.stages:
             return None
         for stage in STAGES[:-1]:
-            if stage not in self.records:
-                getattr(self, stage)()
-        self.analyses()  # sensitivity and speed, when configured
+            self.get(stage)
+        self.accuracy.analyses()  # sensitivity and speed, when configured
         return write_report(self.run_dir, self.cfg, self.records, package_versions())

@@ -30,7 +30,7 @@ def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog
         "onnx"]["int8_sha256"]
     assert manifest["config"]["model"]["name"] == "shufflenet_v2_x0_5"
     assert manifest["versions"]["onnxruntime"] and manifest["inputs"]["calibration_images_digest"]
-    assert set(manifest["stage_seconds"]) == {"export", "calibrate", "quantize", "evaluate", "speed"}
+    assert set(manifest["stage_seconds"]) == {"export", "optimize", "calibrate", "quantize", "evaluate", "speed"}
     summary = (out / "SUMMARY.md").read_text()
     published = torchvision_metrics("shufflenet_v2_x0_5")
     assert "| shufflenet_v2_x0_5 | torchvision |" in summary

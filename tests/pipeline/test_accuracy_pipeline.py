@@ -26,7 +26,7 @@ def test_defaults_leave_the_pipeline_unchanged(tiny):
     assert (a.sensitivity, a.speed) == (False, False)
     pipeline = Pipeline(cfg, root / "run-default")
     report = pipeline.run()
-    assert set(pipeline.records) == {"export", "calibrate", "quantize", "evaluate"}
+    assert set(pipeline.records) == {"export", "optimize", "calibrate", "quantize", "evaluate"}
     assert report["onnx"]["int8_path"] == report["onnx"]["int8_quantizer_path"]
     assert report["eval"]["num_images"] == 12
     assert report["methods"]["label"] == "ort"
@@ -45,7 +45,8 @@ def test_every_method_budget_sensitivity_and_speed_end_to_end(tiny):
     root, data = tiny
     overrides = tiny_overrides(data, root / "work", "quant.equalize=true", "quant.weight_rounding=gptq",
                                "quant.bias_correction=true", "quant.max_drop=-1", "quant.max_trials=2",
-                               "quant.tune_images=4", "analysis.sensitivity_images=4", "analysis.speed_runs=3")
+                               "quant.tune_images=4", "analysis.sensitivity_images=4", "analysis.speed_runs=3",
+                               "analysis.sensitivity=true", "analysis.speed=true")
     pipeline = Pipeline(compose_config(overrides), root / "run-all")
     report = pipeline.run()
     assert {"equalize", "refine", "budget", "sensitivity", "speed"} <= set(pipeline.records)

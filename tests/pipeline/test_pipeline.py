@@ -69,7 +69,7 @@ def test_tiny_run_reports_every_field_then_reuses_its_artifacts(tmp_path, flat):
     only_eval = Pipeline(compose_config(tiny_overrides(data, tmp_path / "artifacts", "stages=[evaluate,report]")),
                          tmp_path / "run3").run()
     assert {n: s["cached"] for n, s in only_eval["stages"].items()} == {
-        "export": True, "calibrate": True, "quantize": True, "evaluate": False}
+        "export": True, "optimize": True, "calibrate": True, "quantize": True, "evaluate": False}
     assert only_eval["int8"] == report["int8"]
 
 
@@ -259,3 +259,20 @@ def test_any_torchvision_classifier_by_name(tmp_path):
     assert report["reference"]["top1"] == pytest.approx(torchvision_metrics("mobilenet_v3_small", "DEFAULT")["acc@1"])
     with pytest.raises(ConfigError, match=r"set model.name=\.\.\."):
         Pipeline(compose_config(["+model=torchvision", f"data.root={data}"]), tmp_path / "r2")
+
+
+def test_every_stage_can_be_named_and_the_graph_rewrite_is_its_own_cached_stage(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    work = tmp_path / "a"
+    first = Pipeline(compose_config(tiny_overrides(data, work, "stages=[export,optimize]")), tmp_path / "r1")
+    assert first.run() is None and set(first.records) == {"export", "optimize"}
+    optimized = first.records["optimize"]
+    assert optimized["rewrites"] and optimized["sha256"] != first.records["export"]["sha256"]
+    # the full run reads the cached rewrite; naming an optional stage runs it without its config switch
+    full = Pipeline(compose_config(tiny_overrides(data, work, "stages=[calibrate,quantize,sensitivity]",
+                                                  "analysis.sensitivity_images=2")), tmp_path / "r2")
+    full.run()
+    assert full.records["optimize"]["cached"] and not full.records["sensitivity"]["cached"]
+    assert full.records["calibrate"]["inputs"]["model_sha256"] == optimized["sha256"]
+    with pytest.raises(ConfigError, match="unknown stage.*stages are export, equalize, optimize"):
+        Pipeline(compose_config(tiny_overrides(data, work, "stages=[graph_opt]")), tmp_path / "r3")
