@@ -8,7 +8,7 @@ DATA   ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval
+.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,3 +78,14 @@ bench-eval: install
 	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS)
 	$(PY) -m quantize.bench.evaluation --model $(MODEL) --root $(DATA) --repeat $(REPEAT) --batch $(BATCH) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_eval.json
+
+## bench-accuracy MODEL=<zoo entry> DATA=<image folder> [FOLDS=2] [VIEWS=12] [ARGS='key=value ...']: int8 fidelity
+## cross-validated (calibrate on the other folds, measure on the held-out one): fp32/int8 top-1 and drop on the photos,
+## agreement on VIEWS views of each (mirror, crops), standard errors beside each; JSON and table in
+## benchmarks/results/<model>/accuracy[-<TAG>].json
+FOLDS ?= 2
+VIEWS ?= 12
+TAG   ?=
+bench-accuracy: install
+	$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
+		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json $(ARGS)

@@ -1,0 +1,201 @@
+"""Cross-validated int8 fidelity of a zoo entry: calibrate on one part of a folder, measure on the rest.
+
+    python -m quantize.bench.accuracy --model efficientnet_lite0 --root ../shared/data/imagenet/sample \
+        [--folds 2] [--views 12] [--out benchmarks/results/efficientnet_lite0/accuracy.json] [key=value ...]
+
+The images are split into ``--folds`` class-balanced parts. For each part the pipeline quantizes the model with its
+config (the defaults plus the given overrides), calibrated on the *other* parts only, and the fp32 and int8 models
+are compared on the held-out part:
+
+- top-1 of each and the drop, on the photos themselves (labels needed), with the paired standard error;
+- top-1 agreement of int8 with fp32 on ``--views`` views of each held-out photo (the photo, its mirror image, and
+  corner and centre crops of both; agreement needs no labels, so every view counts), with a standard error taken
+  over photos (views of one photo are not independent).
+
+Every image is fed through the model's own preprocessing. The result is written as JSON and a Markdown table, with
+the machine's load average beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from quantize.core.artifacts import write_text
+from quantize.core.errors import QuantizeError
+from quantize.core.runtime import input_name, make_session
+from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
+from quantize.data.samples import Sample, list_samples
+
+SCHEMA = "quantize-bench-accuracy/1"
+CROP_SIDE = 0.85  # corner and centre crops keep this fraction of each side
+
+log = logging.getLogger(__name__)
+
+
+def folds_of(samples: list[Sample], folds: int) -> list[list[Sample]]:
+    """Class-balanced parts: images sorted by class and name, dealt round-robin within each class."""
+    if folds < 2:
+        raise QuantizeError(f"--folds {folds}: need at least 2 to hold images out of calibration")
+    parts: list[list[Sample]] = [[] for _ in range(folds)]
+    by_class: dict[int, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: (s.label, s.path.name)):
+        by_class.setdefault(s.label, []).append(s)
+    turn = 0
+    for label in sorted(by_class):
+        for s in by_class[label]:
+            parts[turn % folds].append(s)
+            turn += 1
+    if any(not p for p in parts):
+        raise QuantizeError(f"{len(samples)} images cannot fill {folds} folds")
+    return parts
+
+
+def views_of(image: Image.Image, count: int) -> list[Image.Image]:
+    """The photo, its mirror, then corner and centre crops of each (``count`` of them, in that order)."""
+    w, h = image.size
+    cw, ch = round(w * CROP_SIDE), round(h * CROP_SIDE)
+    boxes = [None, (0, 0, cw, ch), (w - cw, 0, w, ch), (0, h - ch, cw, h), (w - cw, h - ch, w, h),
+             ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)]
+    out = []
+    for box in boxes:
+        view = image if box is None else image.crop(box)
+        out += [view, ImageOps.mirror(view)]
+    if not 1 <= count <= len(out):
+        raise QuantizeError(f"--views {count}: choose 1 to {len(out)}")
+    return out[:count]
+
+
+def top1_of(path: Path, batches: list[np.ndarray], threads: int) -> np.ndarray:
+    session = make_session(path, threads=threads)
+    name = input_name(session)
+    return np.concatenate([session.run(None, {name: b})[0].argmax(axis=1) for b in batches])
+
+
+def held_out_predictions(fp32: Path, int8: Path, samples: list[Sample], p: Preprocess, views: int,
+                         threads: int, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Top-1 of both models on every view of every sample; arrays of shape (len(samples), views)."""
+    crops = []
+    for s in samples:
+        crops += [crop_uint8(v.convert("RGB"), p) for v in views_of(load_rgb(s.path), views)]
+    batches = [normalize_batch(np.stack(crops[i:i + batch_size]), p) for i in range(0, len(crops), batch_size)]
+    return {name: top1_of(path, batches, threads).reshape(len(samples), views)
+            for name, path in (("fp32", fp32), ("int8", int8))}
+
+
+def fold_metrics(pred: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
+    """Drop on the photos (paired), agreement on all views (clustered by photo), each with its standard error."""
+    right = {k: (v[:, 0] == labels).astype(float) for k, v in pred.items()}
+    diff = right["fp32"] - right["int8"]
+    per_photo = (pred["fp32"] == pred["int8"]).mean(axis=1)
+    n = len(labels)
+    return {"photos": n, "views": int(pred["fp32"].size),
+            "fp32_top1": 100 * right["fp32"].mean(), "int8_top1": 100 * right["int8"].mean(),
+            "drop": 100 * diff.mean(), "drop_se": 100 * float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else None,
+            "agreement": 100 * float(per_photo.mean()),
+            "agreement_se": 100 * float(per_photo.std(ddof=1)) / math.sqrt(n) if n > 1 else None,
+            "photo_agreement": 100 * float((pred["fp32"][:, 0] == pred["int8"][:, 0]).mean())}
+
+
+def combined(pred_by_fold: list[dict[str, np.ndarray]], labels_by_fold: list[np.ndarray]) -> dict[str, Any]:
+    pred = {k: np.concatenate([p[k] for p in pred_by_fold]) for k in ("fp32", "int8")}
+    return fold_metrics(pred, np.concatenate(labels_by_fold))
+
+
+def copy_tree(samples: list[Sample], root: Path, into: Path) -> Path:
+    """The calibration part as a folder of its own (synset folders as in ``root``)."""
+    for s in samples:
+        target = into / s.path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(s.path, target)
+    return into
+
+
+def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int = 12, work_dir: Path | None = None,
+        threads: int = 0) -> dict[str, Any]:
+    from quantize.jobs.release import compose_model
+    from quantize.pipeline.runner import Pipeline
+
+    root = root.expanduser().resolve()
+    samples = list_samples(root)
+    parts = folds_of(samples, folds)
+    work_dir = (work_dir or Path("artifacts")).resolve()
+    results, preds, labels = [], [], []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-accuracy.") as scratch:
+        for k, held_out in enumerate(parts):
+            calib = [s for j, part in enumerate(parts) if j != k for s in part]
+            calib_root = copy_tree(calib, root, Path(scratch) / f"calib{k}")
+            cfg = compose_model(model, [f"data.root={calib_root}", "calib.list=null", f"calib.num_images={len(calib)}",
+                                        f"work_dir={work_dir}", f"threads={threads}", "analysis.speed=false",
+                                        *overrides])
+            pipeline = Pipeline(cfg, Path(scratch) / f"run{k}")
+            fp32 = Path(pipeline.get("export")["path"])
+            int8 = Path(pipeline.accuracy.final_int8()["path"])
+            pred = held_out_predictions(fp32, int8, held_out, pipeline.preprocess, views, threads)
+            fold_labels = np.array([s.label for s in held_out])
+            results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})
+            preds.append(pred)
+            labels.append(fold_labels)
+            log.info("fold %d: %s", k, json.dumps(results[-1]))
+    return {"schema": SCHEMA, "model": model, "root": str(root), "overrides": overrides, "folds": results,
+            "all": combined(preds, labels), "views_per_photo": views, "seconds": time.perf_counter() - started,
+            "load_average": list(os.getloadavg()), "cores": os.cpu_count()}
+
+
+def as_table(result: dict[str, Any]) -> str:
+    def se(value: float | None) -> str:
+        return f" ± {value:.2f}" if value is not None else ""
+
+    lines = [f"{result['model']}: {len(result['folds'])}-fold, calibrated on the other folds, "
+             f"{result['views_per_photo']} views per held-out photo "
+             f"(overrides: {' '.join(result['overrides']) or 'none'}; load {result['load_average'][0]:.1f} "
+             f"on {result['cores']} cores)", "",
+             "| fold | photos | fp32 top-1 | int8 top-1 | drop | agreement (views) | agreement (photos) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in [*result["folds"], {**result["all"], "fold": "all"}]:
+        lines.append(f"| {row['fold']} | {row['photos']} | {row['fp32_top1']:.1f} | {row['int8_top1']:.1f} | "
+                     f"{row['drop']:.2f}{se(row['drop_se'])} | {row['agreement']:.2f}{se(row['agreement_se'])} "
+                     f"({row['views']}) | {row['photo_agreement']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantize.bench.accuracy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="zoo entry (conf/model/)")
+    parser.add_argument("--root", type=Path, required=True, help="image folder (synset folders or flat + labels)")
+    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--views", type=int, default=12, help="views per held-out photo for agreement (1-12)")
+    parser.add_argument("--work-dir", type=Path, default=Path("artifacts"))
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="JSON result (a .md table is written beside it)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. quant=u8s8_plain")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = run(args.model, args.root, args.overrides, args.folds, args.views, args.work_dir, args.threads)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    table = as_table(result)
+    if args.out:
+        write_text(args.out, json.dumps(result, indent=2) + "\n")
+        write_text(args.out.with_suffix(".md"), table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""make bench-accuracy: cross-validated fidelity with held-out views and standard errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from quantize.bench.accuracy import fold_metrics, folds_of, main, views_of
+from quantize.core.errors import QuantizeError
+from quantize.data.samples import list_samples
+
+from conftest import write_tiny_imagenet
+
+
+def test_folds_are_disjoint_class_balanced_and_cover_everything(tmp_path):
+    samples = list_samples(write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2))
+    parts = folds_of(samples, 2)
+    assert sorted(s.path for p in parts for s in p) == sorted(s.path for s in samples)
+    assert not {s.path for s in parts[0]} & {s.path for s in parts[1]}
+    assert [sorted(s.label for s in p) for p in parts] == [[3, 250, 999]] * 2
+    with pytest.raises(QuantizeError):
+        folds_of(samples, 1)
+
+
+def test_views_are_the_photo_its_mirror_and_crops():
+    pixels = np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3)
+    image = Image.fromarray(pixels)
+    views = views_of(image, 12)
+    assert np.array_equal(np.asarray(views[0]), pixels)
+    assert np.array_equal(np.asarray(views[1]), pixels[:, ::-1])
+    assert views[2].size == (34, 26) and np.array_equal(np.asarray(views[2]), pixels[:26, :34])
+    assert len({np.asarray(v).tobytes() for v in views}) == 12
+    with pytest.raises(QuantizeError):
+        views_of(image, 13)
+
+
+def test_metrics_pair_the_drop_and_cluster_agreement_by_photo():
+    labels = np.array([0, 1, 2, 3])
+    pred = {"fp32": np.array([[0, 0], [1, 1], [2, 2], [9, 9]]),
+            "int8": np.array([[0, 0], [1, 5], [7, 7], [3, 9]])}
+    m = fold_metrics(pred, labels)
+    assert (m["fp32_top1"], m["int8_top1"], m["drop"]) == (75.0, 75.0, 0.0)
+    diff = np.array([0, 0, 1, -1])
+    assert m["drop_se"] == pytest.approx(100 * diff.std(ddof=1) / 2)
+    per_photo = np.array([1, 0.5, 0, 0.5])
+    assert m["agreement"] == pytest.approx(50.0)
+    assert m["agreement_se"] == pytest.approx(100 * per_photo.std(ddof=1) / 2)
+    assert m["photo_agreement"] == 50.0 and m["views"] == 8
+
+
+def test_end_to_end_on_a_tiny_folder(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
+    out = tmp_path / "acc.json"
+    code = main(["--model", "shufflenet_v2_x0_5", "--root", str(data), "--views", "2", "--threads", "1",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "model.pretrained=false",
+                 "export.check_images=2", "calib.batch_size=3"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [f["calibration_images"] for f in result["folds"]] == [3, 3]
+    assert result["all"]["photos"] == 6 and result["all"]["views"] == 12
+    assert 0 <= result["all"]["agreement"] <= 100 and result["load_average"]
+    assert "| all | 6 |" in out.with_suffix(".md").read_text()
