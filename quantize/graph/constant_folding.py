@@ -46,103 +46,121 @@ def _slice(data: np.ndarray, starts, ends, axes, steps) -> np.ndarray:
     return data[tuple(index)]
 
 
+def _shape(node, dims: list[Any] | None) -> list[np.ndarray] | None:
+    if dims is None or any(d is None for d in dims):
+        return None
+    if any(isinstance(d, SymbolicDim) for d in dims):
+        return [np.array(dims, dtype=object)]
+    return [np.array(dims, dtype=np.int64)]
+
+
+def _axes(node: onnx.NodeProto, values: list[np.ndarray], opset: int) -> list[int] | None:
+    """Unsqueeze/Squeeze axes: an attribute before opset 13, an input from 13 on."""
+    if opset < 13:
+        return attr(node, "axes")
+    return list(values[1]) if len(values) > 1 else None
+
+
+def _gather(node, values, opset, sym):
+    x, indices = values
+    return None if _has_sym(indices) else [np.take(x, indices.astype(np.int64), axis=attr(node, "axis", 0))]
+
+
+def _unsqueeze(node, values, opset, sym):
+    axes = _axes(node, values, opset)
+    if axes is None:
+        return None
+    out = values[0]
+    rank = out.ndim + len(axes)
+    for a in sorted(int(a) % rank for a in axes):
+        out = np.expand_dims(out, a)
+    return [out]
+
+
+def _squeeze(node, values, opset, sym):
+    x, axes = values[0], _axes(node, values, opset)
+    return [np.squeeze(x, axis=tuple(int(a) % x.ndim for a in axes) if axes is not None else None)]
+
+
+def _concat(node, values, opset, sym):
+    return [np.concatenate([v.astype(object) if sym else v for v in values], axis=attr(node, "axis"))]
+
+
+def _cast(node, values, opset, sym):
+    x, to = values[0], helper.tensor_dtype_to_np_dtype(attr(node, "to"))
+    if _has_sym(x):  # a symbolic dimension stays one through an integer cast
+        return [x] if np.issubdtype(to, np.integer) else None
+    return [x.astype(to)]
+
+
+def _reshape(node, values, opset, sym):
+    x = values[0]
+    shape = [int(d) for d in values[1]]
+    return [x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])]
+
+
+def _constant_of_shape(node, values, opset, sym):
+    fill = attr(node, "value")
+    fill = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, dtype=np.float32)
+    return [np.full([int(d) for d in values[0]], fill.reshape(-1)[0], dtype=fill.dtype)]
+
+
+def _slice_node(node, values, opset, sym):
+    if sym and any(_has_sym(v) for v in values[1:]):
+        return None
+    if opset < 10:
+        starts, ends = attr(node, "starts"), attr(node, "ends")
+        axes = attr(node, "axes", list(range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        starts, ends = values[1], values[2]
+        axes = values[3] if len(values) > 3 and values[3] is not None else list(range(len(starts)))
+        steps = values[4] if len(values) > 4 and values[4] is not None else [1] * len(starts)
+    return [_slice(values[0], starts, ends, axes, steps)]
+
+
+def _arithmetic(function):
+    def fold(node, values, opset, sym):
+        a, b = values
+        return [np.asarray(function(a, b)).astype(np.result_type(a, b))]
+    return fold
+
+
+def _unary(function):
+    return lambda node, values, opset, sym: [function(values[0])]
+
+
+# op -> (fold(node, input values, opset, any input symbolic), whether it can take symbolic dimensions)
+_FOLDERS = {
+    "Gather": (_gather, True), "Unsqueeze": (_unsqueeze, True), "Squeeze": (_squeeze, True),
+    "Concat": (_concat, True), "Cast": (_cast, True), "Identity": (lambda n, v, o, s: [v[0]], True),
+    "Transpose": (lambda n, v, o, s: [np.transpose(v[0], attr(n, "perm"))], True), "Slice": (_slice_node, True),
+    "Reshape": (_reshape, False), "ConstantOfShape": (_constant_of_shape, False),
+    "Add": (_arithmetic(np.add), False), "Sub": (_arithmetic(np.subtract), False),
+    "Mul": (_arithmetic(np.multiply), False), "Div": (_arithmetic(_int_div), False),
+    "Floor": (_unary(np.floor), False), "Ceil": (_unary(np.ceil), False), "Sqrt": (_unary(np.sqrt), False),
+    "Neg": (_unary(np.negative), False), "Abs": (_unary(np.abs), False),
+    "Range": (lambda n, v, o, s: [np.arange(v[0].item(), v[1].item(), v[2].item()).astype(v[0].dtype)], False),
+    "Equal": (lambda n, v, o, s: [np.equal(v[0], v[1])], False),
+    "Where": (lambda n, v, o, s: [np.where(*v)], False),
+}
+
+
 def _evaluate(node: onnx.NodeProto, values: list[np.ndarray | None], shapes: dict[str, list[Any]],
               opset: int) -> list[np.ndarray] | None:
     """Outputs of a shape-arithmetic node from known inputs (object arrays may hold SymbolicDim), or None."""
-    op = node.op_type
-    if op == "Shape":
-        dims = shapes.get(node.input[0])
-        if dims is None or any(d is None for d in dims):
-            return None
-        if any(isinstance(d, SymbolicDim) for d in dims):
-            return [np.array(dims, dtype=object)]
-        return [np.array(dims, dtype=np.int64)]
-    if any(v is None for v in values):
+    if node.op_type == "Shape":
+        return _shape(node, shapes.get(node.input[0]))
+    if any(v is None for v in values) or node.op_type not in _FOLDERS:
         return None
-    x = values[0]
+    fold, takes_symbols = _FOLDERS[node.op_type]
     sym = any(_has_sym(v) for v in values)
-    if op == "Gather":
-        indices = values[1]
-        if _has_sym(indices):
-            return None
-        return [np.take(x, indices.astype(np.int64), axis=attr(node, "axis", 0))]
-    if op == "Unsqueeze":
-        axes = attr(node, "axes") if opset < 13 else (list(values[1]) if len(values) > 1 else None)
-        if axes is None:
-            return None
-        out = x
-        rank = x.ndim + len(axes)
-        for a in sorted(int(a) % rank for a in axes):
-            out = np.expand_dims(out, a)
-        return [out]
-    if op == "Squeeze":
-        axes = attr(node, "axes") if opset < 13 else (list(values[1]) if len(values) > 1 else None)
-        return [np.squeeze(x, axis=tuple(int(a) % x.ndim for a in axes) if axes is not None else None)]
-    if op == "Concat":
-        arrays = [v.astype(object) if sym else v for v in values]
-        return [np.concatenate(arrays, axis=attr(node, "axis"))]
-    if op == "Cast":
-        to = helper.tensor_dtype_to_np_dtype(attr(node, "to"))
-        if _has_sym(x):
-            return [x] if np.issubdtype(to, np.integer) else None
-        return [x.astype(to)]
-    if op == "Identity":
-        return [x]
-    if op == "Reshape":
-        if sym:
-            return None
-        shape = [int(d) for d in values[1]]
-        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
-        return [x.reshape(shape)]
-    if op == "Transpose":
-        perm = attr(node, "perm")
-        return [np.transpose(x, perm)]
-    if op == "ConstantOfShape":
-        if sym:
-            return None
-        fill = attr(node, "value")
-        fill = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, dtype=np.float32)
-        return [np.full([int(d) for d in x], fill.reshape(-1)[0], dtype=fill.dtype)]
-    if op == "Slice":
-        if sym and any(_has_sym(v) for v in values[1:]):
-            return None
-        if opset < 10:
-            starts, ends = attr(node, "starts"), attr(node, "ends")
-            axes = attr(node, "axes", list(range(len(starts))))
-            steps = [1] * len(starts)
-        else:
-            starts, ends = values[1], values[2]
-            axes = values[3] if len(values) > 3 and values[3] is not None else list(range(len(starts)))
-            steps = values[4] if len(values) > 4 and values[4] is not None else [1] * len(starts)
-        return [_slice(x, starts, ends, axes, steps)]
-    if op in ("Add", "Sub", "Mul", "Div"):
-        if sym:
-            return None
-        a, b = values
-        result = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _int_div}[op](a, b)
-        return [np.asarray(result).astype(np.result_type(a, b))]
-    if op in ("Floor", "Ceil", "Sqrt", "Neg", "Abs"):
-        if sym:
-            return None
-        return [getattr(np, op.lower() if op != "Neg" else "negative")(x)]
-    if op == "Range":
-        if sym:
-            return None
-        return [np.arange(values[0].item(), values[1].item(), values[2].item()).astype(values[0].dtype)]
-    if op == "Equal":
-        if sym:
-            return None
-        return [np.equal(values[0], values[1])]
-    if op == "Where":
-        if sym:
-            return None
-        return [np.where(*values)]
-    return None
+    if sym and not takes_symbols:
+        return None
+    return fold(node, values, opset, sym)
 
 
-_FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", "Reshape", "Transpose",
-             "ConstantOfShape", "Slice", "Add", "Sub", "Mul", "Div", "Floor", "Ceil", "Sqrt", "Neg", "Abs",
-             "Range", "Equal", "Where"}
+_FOLDABLE = {"Shape", *_FOLDERS}
 _MAX_FOLDED_ELEMENTS = 1 << 16  # shape arithmetic and pads: never a big float computation
 
 
