@@ -80,7 +80,7 @@ def test_changed_calibration_reuses_export_but_redoes_the_rest(tmp_path):
                       tmp_path / "r2").run()
     assert report["calib"]["method"] == "minmax"
     assert {n: s["cached"] for n, s in report["stages"].items()} == {
-        "export": True, "calibrate": False, "quantize": False, "evaluate": False}
+        "export": True, "optimize": True, "calibrate": False, "quantize": False, "evaluate": False}
     assert report["eval"]["fp32_reused"]  # same fp32 model, same images: only int8 ran
 
 
