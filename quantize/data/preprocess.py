@@ -223,7 +223,7 @@ class Preprocess:
         resizer = (f"Pillow Image.resize({self.interpolation.value}; antialiased when shrinking)"
                    if self.backend is Backend.pillow else
                    f"cv2.resize(INTER_{self._opencv_name()}; no antialiasing) on the uint8 image")
-        scale_text = "pixel / 255" if self.divides_by_255 else f"pixel * {self.scale!r}"
+        scale_text = "pixel / 255" if self.divides_by_255 else "pixel" if self.scale == 1 else f"pixel * {self.scale!r}"
         return {
             "settings": self.key(),  # model.preprocess as this project reads it (Preprocess.from_config)
             "input": {"layout": "NCHW", "dtype": "float32", "channels": self.color.value.upper(),
