@@ -21,8 +21,10 @@ def add_parser(sub) -> None:
         "cache",
         help="preprocess images once into a uint8 crop cache read by calibration and evaluation",
         description="Decode, resize and center-crop the images of an ImageNet-style folder once into "
-        "CACHE_DIR/<key>/ (crops.npy, labels.npy, manifest.json). The key covers the resize/crop sizes and "
-        "the exact image list, so a cache is only ever used for the images it was built from.",
+        "CACHE_DIR/<key>/ (crops.npy, labels.npy, manifest.json), the way a model's preprocessing does it "
+        "(--model ENTRY, or the standard ImageNet transform; each setting can be overridden). The key covers "
+        "every resize/crop setting and the exact image list, so a cache is only ever used for the images and "
+        "the preprocessing it was built for.",
     )
     p.add_argument("--root", type=Path, required=True, metavar="VAL_DIR",
                    help="dataset: synset folders, or flat images plus a labels file")
@@ -34,8 +36,15 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="CACHE_DIR", help="directory holding caches")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 2), metavar="N",
                    help="decoding threads (default: CPU count, at most 8)")
-    p.add_argument("--resize", type=int, default=256, help="shorter side after resizing (default 256)")
-    p.add_argument("--crop", type=int, default=224, help="center crop size (default 224)")
+    p.add_argument("--model", metavar="ENTRY",
+                   help="crop as zoo entry ENTRY is fed (conf/model/ENTRY.yaml's model.preprocess); default: the "
+                   "standard ImageNet transform (Pillow bilinear, shorter side 256, center 224)")
+    p.add_argument("--resize", type=int, help="shorter side after resizing")
+    p.add_argument("--crop", type=int, help="center crop size")
+    p.add_argument("--interpolation", help="nearest, bilinear, bicubic, lanczos, box/hamming (pillow), area (opencv)")
+    p.add_argument("--backend", help="pillow or opencv")
+    p.add_argument("--resize-rounding", help="rounding of the longer side: floor, round or half_up")
+    p.add_argument("--crop-rounding", help="rounding of the crop offset: round, floor or half_up")
     p.add_argument("--verify", action="store_true", help="only check the existing cache and report OK or the problem")
     p.set_defaults(run=run)
 
@@ -51,13 +60,28 @@ def select_samples(args: argparse.Namespace) -> tuple[list[Sample], Path]:
     return samples, root
 
 
+CROP_SETTINGS = ("resize", "crop", "interpolation", "backend", "resize_rounding", "crop_rounding")
+
+
+def chosen_preprocess(args: argparse.Namespace) -> Preprocess:
+    """--model's preprocessing (or the standard one) with any of the resize/crop options given on top."""
+    if args.model:
+        from quantize.config import model_entry  # Hydra: only when a model is named
+
+        settings = dict(model_entry(args.model).preprocess)
+    else:
+        settings = {}
+    settings.update({name: getattr(args, name) for name in CROP_SETTINGS if getattr(args, name) is not None})
+    return Preprocess.from_config(settings)
+
+
 def _describe(cache: CropCache) -> str:
     return f"{len(cache)} images, {cache.nbytes / _MIB:.1f} MiB"
 
 
 def run(args: argparse.Namespace) -> None:
     samples, root = select_samples(args)
-    p = Preprocess(resize=args.resize, crop=args.crop)
+    p = chosen_preprocess(args)
     if args.verify:
         verify(samples, root, p, args.out)
         return

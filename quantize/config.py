@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional, TypeVar
+from typing import Any, List, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from quantize.core.errors import ConfigError
 
@@ -71,6 +72,9 @@ def choice(kind: type[C], value: object, option: str) -> C:
         raise ConfigError(f"{option}={value!r} is not one of {', '.join(m.value for m in kind)}") from None
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
 @dataclass
 class ReferenceConfig:
     """Published fp32 accuracy of the weights (percent), printed beside ours in the report."""
@@ -84,6 +88,22 @@ class ReferenceConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """A model's eval transform (quantize.data.preprocess.Preprocess checks it at start-up: choices, sizes, lengths).
+    Each zoo entry selects its source's block from conf/model/preprocess/; every key can be overridden."""
+    resize: int = 256              # shorter side after resizing, pixels
+    crop: int = 224                # center crop, pixels
+    interpolation: str = "bilinear"  # nearest | bilinear | bicubic | lanczos | box, hamming (pillow) | area (opencv)
+    backend: str = "pillow"        # pillow (antialiased, as torchvision) | opencv (cv2.resize, no antialiasing)
+    resize_rounding: str = "floor"  # longer side = resize * long / short: floor | round (half to even) | half_up
+    crop_rounding: str = "round"   # crop offset = (side - crop) / 2: round (half to even) | floor | half_up
+    color: str = "rgb"             # rgb | bgr: channel order the network takes
+    scale: float = 1 / 255         # pixel (0..255) multiplier applied before mean/std
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # network channel order, scaled units
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING            # zoo entry name: names artifacts and reports
     arch: str = MISSING            # builder in quantize.models
@@ -94,14 +114,7 @@ class ModelConfig:
     path: Optional[str] = None     # arch=onnx: the user's ONNX classifier (export is skipped)
     num_classes: int = 1000
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-
-
-@dataclass
-class PreprocessConfig:
-    resize: int = 256
-    crop: int = 224
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # how its weights expect images
 
 
 @dataclass
@@ -111,7 +124,6 @@ class DataConfig:
     synsets: Optional[str] = None  # the 1000 sorted synsets (default: bundled list)
     workers: int = 2               # decoding threads
     cache_dir: Optional[str] = None  # preprocessed crops (python -m data_prep cache), used when one matches
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 @dataclass
@@ -196,8 +208,46 @@ class Config:
     threads: int = 0               # ONNX Runtime intra-op threads (0: all cores)
 
 
+def _torchvision_preprocess(name: str, key: str) -> Any:
+    """``${torchvision_preprocess:NAME,KEY}``: one setting of torchvision's eval transform for NAME's default weights
+    (their ``transforms()``), so ``+model=torchvision model.name=NAME`` is fed as torchvision evaluated it."""
+    from quantize.models.torchvision_models import weights_preprocess  # imports torchvision: only when used
+
+    return weights_preprocess(str(name))[key]
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("stem"):
         OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).stem if path else "")
+    if not OmegaConf.has_resolver("torchvision_preprocess"):
+        OmegaConf.register_new_resolver("torchvision_preprocess", _torchvision_preprocess)
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config ``python -m quantize OVERRIDES`` runs with, composed outside a Hydra app (release jobs, benchmarks,
+    ``data_prep``, tests)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def model_entry(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Zoo entry ``name`` (conf/model/NAME.yaml with the preprocessing block it selects), as the pipeline sees it;
+    an unknown name is a one-line ConfigError."""
+    if not (CONF_DIR / "model" / f"{name}.yaml").is_file():
+        from quantize.core.errors import ConfigError
+
+        names = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"unknown model {name}; available models: {', '.join(names)}")
+    entry = compose([f"+model={name}", *overrides]).model
+    try:
+        OmegaConf.to_container(entry.preprocess, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:  # +model=torchvision without model.name, +model=onnx without model.path
+        from quantize.core.errors import ConfigError
+
+        raise ConfigError(f"model {name}: {str(exc).splitlines()[0]} (it needs more settings than its name)") from None
+    return entry

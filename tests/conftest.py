@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -5,7 +6,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_IMAGENET = REPO.parent / "shared" / "data" / "imagenet"
+# ../shared beside the clone; QUANTIZE_SHARED points elsewhere (a git worktree in another folder).
+SHARED_IMAGENET = Path(os.environ.get("QUANTIZE_SHARED", REPO.parent / "shared")) / "data" / "imagenet"
 SYNSETS = [line.split()[0] for line in (REPO / "quantize" / "resources" / "imagenet_synsets.txt").read_text().splitlines()]
 
 

@@ -268,14 +268,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=32, help="class-balanced images to run (default 32)")
     parser.add_argument("--top", type=int, default=15, help="rows of the Markdown tables")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for sensitivity.{json,md,png}")
+    parser.add_argument("--preprocess", metavar="ENTRY",
+                        help="feed the images as zoo entry ENTRY is fed (default: the standard ImageNet transform)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in (args.fp32, args.int8) if not p.is_file()]
     if missing:
         print(f"error: no such model: {', '.join(missing)}", file=sys.stderr)
         return 1
     try:
+        p = Preprocess()
+        if args.preprocess:
+            from quantize.config import model_entry
+
+            p = Preprocess.from_config(model_entry(args.preprocess).preprocess)
         samples = balanced_subset(list_samples(args.data), args.images)
-        batches = (images for images, _ in iter_batches(samples, 8, Preprocess()))
+        batches = (images for images, _ in iter_batches(samples, 8, p))
         result = analyze(args.fp32, args.int8, batches)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -48,7 +48,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from quantize.data.preprocess import Preprocess
 
     samples = balanced_subset(list_samples(spec["root"]), spec["images"], seed=0)
-    p = Preprocess()
+    p = Preprocess.from_config(spec.get("preprocess"))
     started = time.perf_counter()
     result: dict[str, Any] = {}
     if spec["path"] == "project":
@@ -130,19 +130,21 @@ def run_one(spec: dict[str, Any], rss_cap_gb: float, timeout: float, poll: float
 
 def run(onnx: Path, root: Path, sizes: list[int], methods: list[str], stock_methods: list[str],
         rss_cap_gb: float = 12.0, timeout: float = 1800.0, threads: int = 0, with_torch: bool = True,
-        progress=None) -> dict[str, Any]:
+        progress=None, preprocess: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``preprocess``: ``Preprocess.key()`` settings the calibration images are fed with (default: the standard)."""
     runs = []
     for images in sizes:
         for path, path_methods in (("project", methods), ("stock", stock_methods)):
             for method in path_methods:
                 spec = {"path": path, "method": method, "images": images, "onnx": str(onnx), "root": str(root),
-                        "threads": threads, "with_torch": with_torch}
+                        "threads": threads, "with_torch": with_torch, "preprocess": preprocess}
                 record = run_one(spec, rss_cap_gb, timeout)
                 runs.append(record)
                 if progress:
                     progress(record)
     summary = _summary(runs)
-    return {"schema": SCHEMA, "onnx": str(onnx), "root": str(root), "rss_cap_gb": rss_cap_gb, "timeout": timeout,
+    return {"schema": SCHEMA, "onnx": str(onnx), "root": str(root), "preprocess": preprocess,
+            "rss_cap_gb": rss_cap_gb, "timeout": timeout,
             "threads": threads, "with_torch": with_torch, "runs": runs, "summary": summary}
 
 
@@ -200,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--without-torch", action="store_true", help="do not import torch in the children first")
     parser.add_argument("--out", type=Path)
+    from quantize.bench.latency import add_preprocess_argument, chosen_preprocess, emit
+    from quantize.core.errors import QuantizeError
+
+    add_preprocess_argument(parser)
     args = parser.parse_args(argv)
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     if args.onnx is None:
@@ -212,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"`python -m quantize +model={args.model} data.root=... stages=[export]` first", file=sys.stderr)
             return 1
         args.onnx = exports[-1]
+    try:
+        preprocess = chosen_preprocess(args).key()
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     result = run(args.onnx, args.root, [int(s) for s in split(args.sizes)], split(args.methods),
                  split(args.stock_methods), args.rss_cap_gb, args.timeout, args.threads, not args.without_torch,
-                 progress=lambda r: print(f"  {r['path']} {r['method']} {r['images']}: {r['status']}", file=sys.stderr))
-    from quantize.bench.latency import emit
-
+                 progress=lambda r: print(f"  {r['path']} {r['method']} {r['images']}: {r['status']}", file=sys.stderr),
+                 preprocess=preprocess)
     return emit(result, args.model, args.out, table)
 
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantize.bench.latency import package_version, add_model_arguments, chosen_models, emit
+from quantize.bench.latency import package_version, add_model_arguments, chosen_models, chosen_preprocess, emit
 from quantize.data.crop_cache import build_cache, open_cache
 from quantize.data.samples import iter_batches, list_samples
 from quantize.core.errors import QuantizeError
@@ -58,10 +58,10 @@ def _row(name: str, result) -> dict[str, Any]:
 
 
 def run(models: dict[str, Path], root: Path, cache_dir: Path, repeat: int = 5, batch: int = 32, threads: int = 0,
-        workers: int = 2) -> dict[str, Any]:
+        workers: int = 2, p: Preprocess = Preprocess()) -> dict[str, Any]:
     if repeat < 1 or batch < 1:
         raise QuantizeError("--repeat and --batch must be at least 1")
-    samples, p = list_samples(root), Preprocess()
+    samples = list_samples(root)
     rows = []
     jpeg = evaluate(models, _Repeated(lambda: iter_batches(samples, batch, p, workers=workers), repeat), threads)
     rows.append(_row("jpeg fp32+int8", jpeg))
@@ -79,6 +79,7 @@ def run(models: dict[str, Path], root: Path, cache_dir: Path, repeat: int = 5, b
                                                          threads, known=known)))
     return {"schema": SCHEMA, "machine": {"cpu": cpu_name(), "onnxruntime": package_version("onnxruntime")},
             "root": str(root), "distinct_images": len(samples), "repeat": repeat, "batch": batch, "threads": threads,
+            "preprocess": p.key(),
             "models": {name: str(path) for name, path in models.items()}, "runs": rows}
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         models = chosen_models(args, parser)
         with tempfile.TemporaryDirectory(prefix="bench-eval.") as scratch:
             result = run(models, args.root, args.cache_dir or Path(scratch), repeat=args.repeat, batch=args.batch,
-                         threads=args.threads)
+                         threads=args.threads, p=chosen_preprocess(args))
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ import numpy as np
 from quantize.core.artifacts import write_text
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import cpu_name
+from quantize.data.preprocess import Preprocess
 from quantize.stages.speed import time_blocks
 
 SCHEMA = "quantize-bench/1"
@@ -124,11 +125,42 @@ def models_of_run(model: str, outputs: Path = Path("outputs")) -> dict[str, Path
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--fp32/--int8, or --model (+ --outputs): how the benchmark commands name the two models."""
+    """--fp32/--int8, or --model (+ --outputs): how the benchmark commands name the two models; --preprocess: how
+    they are fed."""
     parser.add_argument("--fp32", type=Path)
     parser.add_argument("--int8", type=Path)
     parser.add_argument("--model", help="take --fp32/--int8 from the newest run of this zoo entry in --outputs")
     parser.add_argument("--outputs", type=Path, default=Path("outputs"))
+    add_preprocess_argument(parser)
+
+
+def add_preprocess_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preprocess", metavar="ENTRY",
+                        help="feed the models as zoo entry ENTRY is fed (its model.preprocess); default: as the "
+                        "newest run of --model was fed, else that entry's, else the standard ImageNet transform")
+
+
+def chosen_preprocess(args: argparse.Namespace) -> Preprocess:
+    """The preprocessing ``add_preprocess_argument`` asked for (see its help)."""
+    from quantize.config import CONF_DIR, model_entry
+
+    def entry(name: str) -> Preprocess:
+        return Preprocess.from_config(model_entry(name).preprocess)
+
+    if getattr(args, "preprocess", None):
+        return entry(args.preprocess)
+    model = getattr(args, "model", None)
+    if model:
+        outputs = getattr(args, "outputs", Path("outputs"))
+        for report in sorted((outputs / model).glob("*/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                settings = json.loads(report.read_text())["preprocess"]["settings"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            return Preprocess.from_config(settings)
+        if (CONF_DIR / "model" / f"{model}.yaml").is_file():
+            return entry(model)
+    return Preprocess()
 
 
 def chosen_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Path]:
@@ -179,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 onnx.save(optimize(onnx.load(str(models["fp32"])))[0], str(rewritten))
                 models["fp32_rewritten"] = rewritten
             result = run(models, batch=args.batch, iterations=args.iterations, threads=args.threads,
-                         warmup=args.warmup, blocks=args.blocks)
+                         warmup=args.warmup, blocks=args.blocks, image_size=chosen_preprocess(args).crop)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

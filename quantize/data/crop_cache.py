@@ -1,10 +1,12 @@
 """Preprocessed uint8 crops on disk, so calibration and evaluation skip JPEG decoding and resizing.
 
 A cache lives in ``<cache_dir>/<key>/``: ``crops.npy`` (uint8, N x 3 x crop x crop, one memory-mapped array),
-``labels.npy`` (int64, N) and ``manifest.json``, written last. The key hashes the crop geometry and the ordered
-(image path relative to the dataset root, label) pairs; the manifest also records a digest of the image files'
-sizes, so a cache of other files under the same names is found stale. Only resize/crop enter the key: the crops do not depend
-on mean/std, which are applied when batches are read, so models with other normalizations share a cache.
+``labels.npy`` (int64, N) and ``manifest.json``, written last. The key hashes everything the uint8 crops depend on
+(``Preprocess.crop_key``: resize size and rounding, interpolation, backend, crop size and offset rounding) and the
+ordered (image path relative to the dataset root, label) pairs, so a cache built for other preprocessing is never
+served; the manifest also records a digest of the image files' sizes, so a cache of other files under the same
+names is found stale. Color order, scale and mean/std are applied when batches are read, so models that only
+differ in those share a cache.
 
 Crops are written and read through short-lived memory-mapped windows of a few dozen images, never a mapping of
 the whole file: touched pages of a mapping count in the process's resident memory until it is unmapped, and
@@ -38,7 +40,7 @@ from quantize.data.samples import Sample
 from quantize.core.errors import ConfigError, DataError
 from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
 
-FORMAT = "crop-cache/2"  # 2: the manifest records a digest of the image files' sizes
+FORMAT = "crop-cache/3"  # 2: the manifest records a digest of the image files' sizes; 3: per-model resize settings
 CROPS, LABELS, MANIFEST = "crops.npy", "labels.npy", "manifest.json"
 CHUNK = 64  # images per memory-mapped window while building (reading uses one window per batch)
 
@@ -57,9 +59,16 @@ class _Problem(Exception):
 
 # --- identity ---------------------------------------------------------------------------------------------------
 
-def crop_key(p: Preprocess) -> dict[str, int]:
+def crop_key(p: Preprocess) -> dict[str, Any]:
     """The part of the preprocessing the uint8 crops depend on."""
-    return {"resize": p.resize, "crop": p.crop}
+    return p.crop_key()
+
+
+def cache_flags(p: Preprocess) -> str:
+    """The ``data_prep cache`` options that build crops for ``p`` (those that differ from their defaults)."""
+    default = Preprocess().crop_key()
+    return "".join(f" --{name.replace('_', '-')} {value}" for name, value in p.crop_key().items()
+                   if value != default[name])
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -267,7 +276,7 @@ def open_cache(
         if verify:
             _check_hashes(path, manifest)
     except _Problem as problem:
-        hint = f"rebuild it with `python -m data_prep cache --root {root} --out {cache_dir}` " \
+        hint = f"rebuild it with `python -m data_prep cache --root {root} --out {cache_dir}{cache_flags(p)}` " \
                "(and the same image selection) or delete it"
         raise StaleCacheError(path, str(problem), hint) from None
     return CropCache(path=path, p=p, manifest=manifest, labels=labels, offset=offset)

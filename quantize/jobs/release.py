@@ -1,10 +1,11 @@
 """``make release``: every zoo entry quantized into ``release/<model>/`` plus ``release/SUMMARY.md``.
 
-Per model: ``model.onnx``, ``model.int8.onnx``, ``report.json`` and ``manifest.json`` (resolved config, package
-versions, sha256 of every input and output, the calibration list's hash, stage timings). Stages come from the
-pipeline's cache, and a file is only rewritten when its bytes change, so a rerun with nothing changed does no
-stage work and leaves every byte (and timestamp) as it was. A model that fails is listed as failed in the
-summary; the command then exits 1 after the others are done.
+Per model: ``model.onnx``, ``model.int8.onnx``, ``report.json``, ``preprocess.json`` (how to feed both models, readable
+without this project) and ``manifest.json`` (resolved config, package versions, sha256 of every input and output,
+the calibration list's hash, stage timings, the preprocessing). Stages come from the pipeline's cache, and a file
+is only rewritten when its bytes change, so a rerun with nothing changed does no stage work and leaves every byte
+(and timestamp) as it was. A model that fails is listed as failed in the summary; the command then exits 1 after
+the others are done.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-
 from quantize.core.artifacts import atomic_path, file_sha256, write_text
-from quantize.config import register_configs
+from quantize.config import compose
 from quantize.core.errors import QuantizeError
 from quantize.pipeline.runner import Pipeline
 from quantize.models.zoo import CONF_MODELS, GENERIC
@@ -34,10 +33,8 @@ def zoo_names() -> list[str]:
 
 
 def compose_model(name: str, overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_MODELS.parent), version_base="1.3"):
-        # the int8 speedup column needs the (cached) speed stage; a user override still wins
-        return compose("config", overrides=[f"+model={name}", "analysis.speed=true", *overrides])
+    # the int8 speedup column needs the (cached) speed stage; a user override still wins
+    return compose([f"+model={name}", "analysis.speed=true", *overrides])
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -78,6 +75,8 @@ def manifest(report: dict[str, Any], records: dict[str, dict[str, Any]], outputs
             "evaluation_images_digest": records["evaluate"]["inputs"]["images"],
             "preprocess": calib["inputs"]["preprocess"],
         },
+        # How to feed model.onnx and model.int8.onnx, self-contained (also written alone as preprocess.json)
+        "preprocess": report.get("preprocess"),
         "outputs": outputs,
         "stage_seconds": {name: r.get("stage_seconds") for name, r in records.items()},
     }
@@ -94,8 +93,12 @@ def release_model(name: str, overrides: list[str], out_root: Path) -> dict[str, 
     changed |= copy_if_changed(Path(onnx["int8_path"]), target / "model.int8.onnx", onnx["int8_sha256"])
     report_text = json.dumps(_stable(report), indent=2, sort_keys=True) + "\n"
     changed |= write_if_changed(target / "report.json", report_text)
+    # The deploy side's input description beside the models (the vendor flow's vdsp_params file, in JSON).
+    preprocess_text = json.dumps({"model": name, **report["preprocess"]}, indent=2, sort_keys=True) + "\n"
+    changed |= write_if_changed(target / "preprocess.json", preprocess_text)
     outputs = {"model.onnx": onnx["fp32_sha256"], "model.int8.onnx": onnx["int8_sha256"],
-               "report.json": file_sha256(target / "report.json")}
+               "report.json": file_sha256(target / "report.json"),
+               "preprocess.json": file_sha256(target / "preprocess.json")}
     manifest_text = json.dumps(manifest(report, pipeline.records, outputs), indent=2, sort_keys=True,
                                default=str) + "\n"
     changed |= write_if_changed(target / "manifest.json", manifest_text)

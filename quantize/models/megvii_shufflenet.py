@@ -16,10 +16,9 @@ How it differs from torchvision's ShuffleNetV2 (the weights are not interchangea
   (stride-2 blocks only), ``conv_last.{0,1}``, ``classifier.0.weight``.
 
 Input: Megvii trained and evaluated on **BGR pixels in 0..255, not normalised** (``ToBGRTensor`` in ``train.py``;
-eval resize is OpenCV bilinear to 256, then center crop 224). The pipeline feeds every model ImageNet-normalised
-RGB, so the registered builders put a parameter-free :class:`NormalizedRGBToBGR255` in front: it undoes the
-normalisation and reverses the channels. Its constants are non-persistent buffers, so the state dict is exactly
-Megvii's. ``MegviiShuffleNetV2(..., rgb_normalized_input=False)`` is the bare network.
+eval resize is OpenCV bilinear to 256, then center crop 224). The network takes exactly that: the zoo entries'
+preprocessing (``conf/model/preprocess/megvii.yaml``) feeds it, so the exported ONNX model expects what Megvii's
+own deployment would give it.
 
 Weights: Megvii publishes the checkpoints (``{"state_dict": {"module.first_conv.0.weight": ...}}``, ``.pth.tar``)
 only in a OneDrive folder and on BaiduYun, with no stable direct URL; download one and pass
@@ -34,7 +33,7 @@ from torch import nn
 from quantize.core.errors import ModelError
 from quantize.models.spec import register
 
-__all__ = ["MEGVII_DOWNLOAD", "MegviiShuffleNetV2", "NormalizedRGBToBGR255", "ShuffleV2Block", "strip_module_prefix"]
+__all__ = ["MEGVII_DOWNLOAD", "MegviiShuffleNetV2", "ShuffleV2Block", "strip_module_prefix"]
 
 MEGVII_DOWNLOAD = (
     "OneDrive https://1drv.ms/f/s!AgaP37NGYuEXhRfQxHRseR7eSxXo or BaiduYun "
@@ -42,28 +41,10 @@ MEGVII_DOWNLOAD = (
     "https://github.com/megvii-model/ShuffleNet-Series/tree/master/ShuffleNetV2"
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Megvii's checkpoints were saved from ``nn.DataParallel``: drop the leading ``module.`` of each key.
     Keys without it (a state dict already in our layout) pass unchanged."""
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-
-
-class NormalizedRGBToBGR255(nn.Module):
-    """(x_rgb - mean) / std  ->  BGR in 0..255: ``x[:, [2, 1, 0]] * 255 * std_bgr + 255 * mean_bgr``."""
-
-    def __init__(self, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
-        super().__init__()
-        self.register_buffer("order", torch.tensor([2, 1, 0]), persistent=False)
-        self.register_buffer("scale", 255.0 * torch.tensor(std[::-1]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", 255.0 * torch.tensor(mean[::-1]).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.index_select(x, 1, self.order) * self.scale + self.shift
 
 
 class ShuffleV2Block(nn.Module):
@@ -124,13 +105,12 @@ class MegviiShuffleNetV2(nn.Module):
     }
     STAGE_REPEATS = (4, 8, 4)
 
-    def __init__(self, model_size: str = "1.0x", num_classes: int = 1000, *, rgb_normalized_input: bool = True) -> None:
+    def __init__(self, model_size: str = "1.0x", num_classes: int = 1000) -> None:
         super().__init__()
         if model_size not in self.STAGE_OUT_CHANNELS:
             raise ValueError(f"model_size must be one of {list(self.STAGE_OUT_CHANNELS)}, got {model_size!r}")
         self.model_size = model_size
         channels = self.STAGE_OUT_CHANNELS[model_size]
-        self.input_adapter: nn.Module = NormalizedRGBToBGR255() if rgb_normalized_input else nn.Identity()
 
         in_ch = channels[0]
         self.first_conv = nn.Sequential(
@@ -172,7 +152,7 @@ class MegviiShuffleNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.first_conv(self.input_adapter(x)))
+        x = self.maxpool(self.first_conv(x))
         x = self.conv_last(self.features(x))
         x = self.dropout(torch.flatten(self.globalpool(x), 1))
         return self.classifier(x)
@@ -193,7 +173,7 @@ def _make_builder(arch: str, size: str):
         return MegviiShuffleNetV2(size, num_classes)
 
     builder.__name__ = arch
-    builder.__doc__ = f"Megvii ShuffleNetV2 {size} taking ImageNet-normalised RGB input, random init."
+    builder.__doc__ = f"Megvii ShuffleNetV2 {size} taking BGR 0..255 input, random init."
     return builder
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torchvision
@@ -68,6 +69,27 @@ def any_torchvision_classifier(name: str):
 
     return ArchSpec(f"torchvision/{name}", builder,
                     default_weights=lambda: torchvision.models.get_model_weights(name).DEFAULT.url)
+
+
+@functools.lru_cache(maxsize=None)
+def weights_preprocess(name: str) -> dict[str, Any]:
+    """The eval transform of torchvision's default weights for ``name``, as ``model.preprocess`` settings: resize,
+    crop, interpolation, mean and std from ``weights.transforms()`` (an ``ImageClassification`` preset: Pillow
+    resize of the shorter side, antialiased, then center crop, then ``/ 255`` and mean/std). A name without
+    weights, or whose transform is not that preset, gets the standard ImageNet transform: the builder reports an
+    unknown name with one line when the model is built."""
+    settings: dict[str, Any] = {"resize": 256, "crop": 224, "interpolation": "bilinear",
+                                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    try:
+        preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return settings
+    if not all(hasattr(preset, a) for a in ("resize_size", "crop_size", "interpolation", "mean", "std")):
+        return settings
+    settings.update(resize=int(preset.resize_size[0]), crop=int(preset.crop_size[0]),
+                    interpolation=str(preset.interpolation.value), mean=[float(v) for v in preset.mean],
+                    std=[float(v) for v in preset.std])
+    return settings
 
 
 def published_reference(name: str) -> dict[str, float] | None:

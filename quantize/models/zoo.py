@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from quantize.config import ModelConfig
+from quantize.config import ModelConfig, model_entry
 
 CONF_MODELS = Path(__file__).resolve().parents[2] / "conf" / "model"
 GENERIC = {"onnx", "torchvision"}  # bring-your-own entries: nothing to count until a model is named
@@ -47,7 +47,8 @@ class Row:
 
 
 def load_entry(path: Path) -> ModelConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+    """The entry of conf/model/<path stem>.yaml, composed as the pipeline composes it (with its preprocessing)."""
+    return OmegaConf.to_object(model_entry(Path(path).stem))
 
 
 def entries(names: list[str] | None = None) -> list[ModelConfig]:

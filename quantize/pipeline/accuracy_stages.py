@@ -277,11 +277,12 @@ class AccuracyStages:
             models["int8_all_quantized"] = {"path": budget["start_path"], "sha256": budget["start_sha256"]}
         inputs = {"models": {k: v["sha256"] for k, v in models.items()}, "batch_size": a.speed_batch_size,
                   "runs": a.speed_runs, "threads": self.cfg.threads, "cpu": cpu_name(),
-                  "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["speed"]}
+                  "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["speed"],
+                  "image_size": self.preprocess.crop}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             latency = measure({k: Path(v["path"]) for k, v in models.items()}, batch_size=a.speed_batch_size,
-                              threads=self.cfg.threads, runs=a.speed_runs)
+                              threads=self.cfg.threads, runs=a.speed_runs, image_size=self.preprocess.crop)
             return {**latency.as_dict(), "int8_speedup": latency.speedup["int8"]}
 
         return self.host.stage("speed", inputs, work)

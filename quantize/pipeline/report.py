@@ -11,6 +11,7 @@ from typing import Any
 from quantize.config import Config
 
 from quantize.core.artifacts import write_json, write_text
+from quantize.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict
                  "stage_images_per_second": ev.get("stage_images_per_second"),
                  "minutes_for_50000": ev.get("minutes_for_50000"), "fp32_reused": ev.get("fp32_reused")},
         "reference": {"top1": ref["top1"], "top5": ref["top5"], "source": ref["source"]},
+        "preprocess": preprocess_block(cfg, export.get("path")),
         "export": {"max_abs_diff": export["max_abs_diff"], "seconds": export["seconds"]},
         "complexity": {"params_m": export.get("params_m"), "ops_m": export.get("ops_m"),
                        "ops_kind": export.get("ops_kind"), "reference_params_m": ref.get("params_m"),
@@ -55,6 +57,28 @@ def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict
         "config": asdict(cfg),
         "versions": versions,
     }
+
+
+def preprocess_block(cfg: Config, onnx_path: str | None) -> dict[str, Any]:
+    """How to feed the models, readable without this project: the settings, the rules behind them and the steps in
+    words (``Preprocess.describe``), plus the ONNX input's name."""
+    block = Preprocess.from_config(cfg.model.preprocess).describe()
+    block["input"] = {"name": _input_name(onnx_path), **block["input"]}
+    return block
+
+
+def _input_name(onnx_path: str | None) -> str | None:
+    if not onnx_path or not Path(onnx_path).is_file():
+        return None
+    try:
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # the name is a convenience; an unreadable file is reported by the stages that use it
+        return None
+    weights = {t.name for t in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in weights]
+    return names[0] if len(names) == 1 else None
 
 
 def accuracy_sections(cfg: Config, records: dict[str, dict[str, Any]], ev: dict[str, Any]) -> dict[str, Any]:
@@ -164,8 +188,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"| {name} | {_fmt(s['seconds'], 1)} | {'yes' if s['cached'] else 'no'} |"
               for name, s in report["stages"].items()]
+    lines += render_preprocess(report.get("preprocess"))
     lines += render_accuracy(report)
     return "\n".join(lines) + "\n"
+
+
+def render_preprocess(block: dict[str, Any] | None) -> list[str]:
+    """The input the fp32 and int8 models were measured with: what a deployment must feed them."""
+    if not block:
+        return []
+    shape = block["input"]
+    name = f"`{shape['name']}`, " if shape.get("name") else ""
+    return ["", "## Preprocessing (feed the models exactly this)", "",
+            f"Input {name}float32 NCHW [N, 3, {shape['height']}, {shape['width']}], {shape['channels']} channels:", "",
+            *[f"{i}. {step}" for i, step in enumerate(block["steps"], 1)]]
 
 
 def _evaluation_speed(ev: dict[str, Any]) -> list[str]:

@@ -146,8 +146,8 @@ class Pipeline:
         # A narrowed stage list means "recompute these"; the full list reuses whatever is cached.
         self.force = set(self.stages) if set(self.stages) != set(STAGES) else set()
         self.model_dir = Path(cfg.work_dir) / cfg.model.name
-        p = cfg.data.preprocess
-        self.preprocess = Preprocess(resize=p.resize, crop=p.crop, mean=tuple(p.mean), std=tuple(p.std))
+        # The model's own eval transform, checked now: a bad setting stops the run before any stage (one line).
+        self.preprocess = Preprocess.from_config(cfg.model.preprocess)
         self.records: dict[str, dict[str, Any]] = {}
         self._sample_cache: dict[tuple, list[Sample]] = {}
         self.accuracy = AccuracyStages(self)
@@ -244,6 +244,7 @@ class Pipeline:
                   "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
                   "num_classes": m.num_classes, "opset": self.cfg.export.opset,
                   "tolerance": self.cfg.export.tolerance, "check_images": self.cfg.export.check_images,
+                  "preprocess": self.preprocess.key(),  # the check images, and what the network is built to take
                   "torch": metadata.version("torch")}
 
         def work(stage_dir: Path) -> dict[str, Any]:
@@ -266,7 +267,7 @@ class Pipeline:
         if not source.is_file():
             raise ConfigError(f"model.path={self.cfg.model.path} does not exist")
         inputs = {"onnx_sha256": file_sha256(source), "num_classes": self.cfg.model.num_classes,
-                  "check_images": self.cfg.export.check_images}
+                  "check_images": self.cfg.export.check_images, "preprocess": self.preprocess.key()}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             imported = import_onnx(source, stage_dir / "model.onnx", self._check_batch(),

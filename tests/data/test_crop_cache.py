@@ -11,7 +11,8 @@ from quantize.data import crop_cache
 from quantize.core.artifacts import file_sha256, read_json
 from quantize.data.crop_cache import StaleCacheError, build_cache, cache_key, open_cache
 from quantize.data.samples import iter_batches, list_samples
-from quantize.core.errors import DataError
+from quantize.config import model_entry
+from quantize.core.errors import ConfigError, DataError
 from quantize.data.image_list import match_image_list, read_image_list, samples_from_list
 from quantize.data.preprocess import Preprocess
 
@@ -67,7 +68,8 @@ def test_manifest(built):
     root, samples, path = built
     manifest = read_json(path / "manifest.json")
     assert manifest["key"] == path.name and manifest["format"] == crop_cache.FORMAT
-    assert manifest["preprocess"] == {"resize": 40, "crop": 32}
+    assert manifest["preprocess"] == {"resize": 40, "crop": 32, "interpolation": "bilinear", "backend": "pillow",
+                                      "resize_rounding": "floor", "crop_rounding": "round"}
     assert manifest["count"] == 9 and manifest["shape"] == [9, 3, 32, 32] and manifest["dtype"] == "uint8"
     assert manifest["root"] == str(root.resolve())
     for name in ("crops.npy", "labels.npy"):
@@ -84,9 +86,12 @@ def test_key_depends_on_images_and_crop_not_on_normalization(built):
     assert open_cache(samples[::-1], root, SMALL, caches) is None
     assert open_cache(samples, root, Preprocess(resize=40, crop=30), caches) is None
     assert open_cache(samples, root, Preprocess(resize=48, crop=32), caches) is None
-    other_norm = Preprocess(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    for other in ({"interpolation": "bicubic"}, {"backend": "opencv"}, {"resize_rounding": "half_up"},
+                  {"crop_rounding": "floor"}):  # a cache built for other resizing is never served
+        assert open_cache(samples, root, Preprocess(resize=40, crop=32, **other), caches) is None, other
+    other_norm = Preprocess(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), color="bgr", scale=1)
     cache = open_cache(samples, root, other_norm, caches)
-    assert cache.path == path  # crops do not depend on mean/std: the same cache serves both
+    assert cache.path == path  # crops do not depend on mean/std or channel order: the same cache serves both
     assert_same_batches(cache, samples, other_norm, 4)
 
 
@@ -111,6 +116,7 @@ def stale(built, verify=True):
     with pytest.raises(StaleCacheError, match=f"crop cache at {path} is stale or corrupt") as info:
         open_cache(samples, root, SMALL, path.parent, verify=verify)
     assert "python -m data_prep cache" in str(info.value) and "\n" not in str(info.value)
+    assert "--resize 40 --crop 32" in str(info.value)  # the options that rebuild it
     return info.value.reason
 
 
@@ -266,6 +272,35 @@ def test_limit_selects_a_balanced_subset(dataset, tmp_path, capsys):
     run_cli("--root", root, "--out", tmp_path / "caches", "--limit", 4, "--seed", 1, "--resize", 40, "--crop", 32)
     assert "4 images" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "caches")) == 1
+
+
+def test_model_option_crops_as_the_entry_is_fed(dataset, tmp_path, capsys):
+    root, samples = dataset
+    run_cli("--root", root, "--out", tmp_path / "caches", "--model", "megvii_shufflenet_v2_x1_0", "--resize", 40,
+            "--crop", 32)
+    megvii = Preprocess(resize=40, crop=32, backend="opencv", resize_rounding="half_up", color="bgr", scale=1,
+                        mean=(0, 0, 0), std=(1, 1, 1))
+    cache = open_cache(samples, root, megvii, tmp_path / "caches")
+    assert cache is not None and cache.manifest["preprocess"]["backend"] == "opencv"
+    assert open_cache(samples, root, SMALL, tmp_path / "caches") is None
+    assert_same_batches(cache, samples, megvii, 4)
+    with pytest.raises(ConfigError, match="unknown model nope"):
+        run_cli("--root", root, "--out", tmp_path / "caches", "--model", "nope")
+    with pytest.raises(ConfigError, match="unknown value 'cubic'"):
+        run_cli("--root", root, "--out", tmp_path / "caches", "--interpolation", "cubic")
+
+
+@needs_shared_imagenet()
+@pytest.mark.parametrize("entry", ["efficientnet_lite0", "ppcls_shufflenet_v2_x1_0"])
+def test_real_photos_per_model(tmp_path, entry):
+    """`data_prep cache --model ENTRY` builds what the pipeline reads for that entry, and only for it."""
+    root = SHARED_IMAGENET / "sample"
+    samples = list_samples(root)
+    p = Preprocess.from_config(model_entry(entry).preprocess)
+    run_cli("--root", root, "--out", tmp_path / "caches", "--model", entry)
+    cache = open_cache(samples, root, p, tmp_path / "caches")
+    assert len(cache) == 200 and open_cache(samples, root, Preprocess(), tmp_path / "caches") is None
+    assert_same_batches(cache, samples, p, 64)
 
 
 @needs_shared_imagenet()

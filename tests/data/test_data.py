@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_IMAGENET
 from quantize.data.samples import Sample, balanced_subset, iter_batches, list_samples, load_synsets
 from quantize.core.errors import DataError
 from quantize.data.preprocess import Preprocess, load_rgb, preprocess
 
-IMAGENET = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet"
+IMAGENET = SHARED_IMAGENET  # ../shared, or $QUANTIZE_SHARED
 SYNSETS = load_synsets()
 
 

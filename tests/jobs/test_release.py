@@ -24,13 +24,19 @@ def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog
     assert release_main(args) == 0
     model_dir = out / "shufflenet_v2_x0_5"
     assert sorted(p.name for p in model_dir.iterdir()) == ["manifest.json", "model.int8.onnx", "model.onnx",
-                                                           "report.json"]
+                                                           "preprocess.json", "report.json"]
+    # how to feed the models, for a deployer without this project: beside them, and in the manifest
+    feed = json.loads((model_dir / "preprocess.json").read_text())
+    assert feed["model"] == "shufflenet_v2_x0_5" and feed["input"]["name"] == "input"
+    assert feed["settings"]["resize"] == 256 and feed["resize"]["backend"] == "pillow" and len(feed["steps"]) == 5
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["outputs"]["model.int8.onnx"] == json.loads((model_dir / "report.json").read_text())[
         "onnx"]["int8_sha256"]
     assert manifest["config"]["model"]["name"] == "shufflenet_v2_x0_5"
     assert manifest["versions"]["onnxruntime"] and manifest["inputs"]["calibration_images_digest"]
     assert set(manifest["stage_seconds"]) == {"export", "optimize", "calibrate", "quantize", "evaluate", "speed"}
+    assert manifest["preprocess"] == {k: v for k, v in feed.items() if k != "model"}
+    assert manifest["outputs"]["preprocess.json"] and manifest["inputs"]["preprocess"] == feed["settings"]
     summary = (out / "SUMMARY.md").read_text()
     published = torchvision_metrics("shufflenet_v2_x0_5")
     assert "| shufflenet_v2_x0_5 | torchvision |" in summary

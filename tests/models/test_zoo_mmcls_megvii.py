@@ -14,14 +14,15 @@ import torch.nn.functional as F
 import torchvision
 from omegaconf import OmegaConf
 
-from quantize.config import ModelConfig
+from conftest import SHARED_IMAGENET
+from quantize.config import model_entry
 from quantize.core.errors import ModelError
 from quantize.models.registry import available_archs, build_model, get_arch
 from quantize.models.mmcls_shufflenet import MMCLS_WEIGHTS
-from quantize.data.preprocess import load_rgb, normalize_batch, preprocess
+from quantize.data.preprocess import Preprocess, load_rgb, normalize_batch, preprocess
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet" / "sample"
+SAMPLE = SHARED_IMAGENET / "sample"
 
 MMCLS = ["mmcls_shufflenet_v2_x1_0", "mmcls_shufflenet_v1_x1_0_g3"]
 MEGVII_SIZES = {"megvii_shufflenet_v2_x0_5": "0.5x", "megvii_shufflenet_v2_x1_0": "1.0x",
@@ -218,17 +219,21 @@ def _x(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ALL)
 def test_zoo_yaml(arch):
-    entry = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                OmegaConf.load(REPO / "conf" / "model" / f"{arch}.yaml")))
+    entry = OmegaConf.to_object(model_entry(arch))  # conf/model/ARCH.yaml with its preprocessing block
     top1, top5, ops, kind, params = TABLE[arch]
     assert entry.name == entry.arch == arch and arch in available_archs()
     ref = entry.reference
     assert (ref.top1, ref.top5, ref.flops_m, ref.flops_kind, ref.params_m) == (top1, top5, ops, kind, params)
+    pre = entry.preprocess
     if arch.startswith("mmcls"):
         assert entry.source == "mmcls" and entry.weights_url == MMCLS_WEIGHTS[arch]
         assert entry.weights_url == get_arch(arch).default_weights()
+        # imagenet_bs64_pil_resize: Pillow resize, mean/std in 0..255 units on RGB
+        assert (pre.backend, pre.color, pre.scale, pre.mean) == ("pillow", "rgb", 1.0, [123.675, 116.28, 103.53])
     else:
         assert entry.source == "megvii" and entry.weights_url is None and entry.checkpoint is None
+        # ShuffleNetV2/train.py: OpencvResize(256), CenterCrop(224), ToBGRTensor (BGR 0..255, nothing subtracted)
+        assert (pre.backend, pre.color, pre.scale, pre.mean, pre.std) == ("opencv", "bgr", 1.0, [0.0] * 3, [1.0] * 3)
 
 
 @pytest.mark.parametrize("arch", ALL)
@@ -394,13 +399,17 @@ def _megvii_reference(sd: dict[str, torch.Tensor], bgr255: torch.Tensor) -> torc
 
 @pytest.mark.parametrize("arch", ["megvii_shufflenet_v2_x0_5", "megvii_shufflenet_v2_x2_0"])
 def test_megvii_matches_reference_on_bgr_pixels(tmp_path, arch):
+    """The network takes Megvii's own input, BGR 0..255, straight from the entry's preprocessing: no adapter."""
     tensors = _random_tensors(LAYOUTS[arch](), seed=13)
     tensors["module.first_conv.0.weight"] /= 100.0  # the real stem is scaled for 0..255 input
     model = build_model(arch, pretrained=False, checkpoint=str(_save_source_checkpoint(arch, tensors, tmp_path)))
+    assert next(iter(model.state_dict())) == "first_conv.0.weight"  # the first thing the input meets
     crops = np.random.default_rng(0).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)  # RGB
     bgr255 = torch.from_numpy(np.ascontiguousarray(crops[..., ::-1].transpose(0, 3, 1, 2))).float()
+    fed = torch.from_numpy(normalize_batch(crops, Preprocess.from_config(model_entry(arch).preprocess)))
+    assert torch.equal(fed, bgr255)  # the pipeline feeds exactly Megvii's ToBGRTensor output
     with torch.inference_mode():
-        got = model(torch.from_numpy(normalize_batch(crops)))  # the pipeline's normalised RGB
+        got = model(fed)
         want = _megvii_reference(tensors, bgr255)
     assert got.abs().max() > 1e-1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
@@ -408,9 +417,11 @@ def test_megvii_matches_reference_on_bgr_pixels(tmp_path, arch):
 
 # --- ONNX ----------------------------------------------------------------------------------------------------
 
-def _photos(n: int = 4) -> torch.Tensor:
+def _photos(arch: str, n: int = 4) -> torch.Tensor:
+    """Real photos preprocessed as ``arch``'s entry says (Megvii: BGR 0..255)."""
+    p = Preprocess.from_config(model_entry(arch).preprocess)
     files = sorted(SAMPLE.glob("*/*.JPEG"))[:n]
-    return torch.from_numpy(np.stack([preprocess(load_rgb(f)) for f in files]))
+    return torch.from_numpy(np.stack([preprocess(load_rgb(f), p) for f in files]))
 
 
 def _lively(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
@@ -439,7 +450,7 @@ def test_onnx_export_matches_torch_on_photos(tmp_path, arch):
     import onnx
     import onnxruntime as ort
 
-    photos = _photos()
+    photos = _photos(arch)
     assert len(photos) == 4
     model = _lively(build_model(arch, pretrained=False), photos)
     path = tmp_path / f"{arch}.onnx"

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from quantize.config import ModelConfig
+from quantize.config import ModelConfig, model_entry
 from quantize.core.errors import ModelError
 from quantize.models.registry import available_archs, build_model, get_arch
 from quantize.models.pdparams import NAME_TABLE_KEY, load_pdparams
 from quantize.models.ppcls_shufflenet import PPCLS_SHUFFLENETS, convert_ppcls_state_dict, paddle_key_map
 
-from conftest import REPO, SHARED_IMAGENET
+from conftest import SHARED_IMAGENET
 
 ENTRIES = ["ppcls_shufflenet_v2_x0_25", "ppcls_shufflenet_v2_x0_33", "ppcls_shufflenet_v2_x0_5",
            "ppcls_shufflenet_v2_x1_0", "ppcls_shufflenet_v2_x1_5", "ppcls_shufflenet_v2_x2_0",
@@ -206,8 +206,7 @@ def _x(batch=2, seed=1, size=128):
 
 
 def _entry(name: str) -> ModelConfig:
-    path = REPO / "conf" / "model" / f"{name}.yaml"
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+    return OmegaConf.to_object(model_entry(name))  # conf/model/NAME.yaml with its preprocessing block
 
 
 # --- entries and architecture --------------------------------------------------------------------------------------
@@ -223,6 +222,10 @@ def test_entries_are_registered_with_paddleclas_urls():
         assert entry.name == entry.arch == name and entry.source == "ppcls" and entry.pretrained
         assert entry.weights_url == url == PPCLS_SHUFFLENETS[name][3] == get_arch(name).default_weights()
         assert entry.reference.flops_kind == "paddle_flops" and 40 < entry.reference.top1 < entry.reference.top5 < 100
+        # PaddleClas's eval: cv2.resize to round(side * 256 / short), crop offset (side - 224) // 2, RGB, ImageNet norm
+        pre = entry.preprocess
+        assert (pre.backend, pre.interpolation, pre.resize_rounding, pre.crop_rounding, pre.color) == \
+            ("opencv", "bilinear", "round", "floor", "rgb")
     assert get_arch("ppcls_shufflenet_v2_x2_0_w244").default_weights is None  # no published 244-wide weights
     assert _entry("ppcls_shufflenet_v2_swish").reference.top1 == pytest.approx(70.03)
 
@@ -469,12 +472,13 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
 # --- ONNX export ----------------------------------------------------------------------------------------------------
 
 def _photos(n=4) -> torch.Tensor:
-    from quantize.data.preprocess import load_rgb, preprocess
+    from quantize.data.preprocess import Preprocess, load_rgb, preprocess
 
     files = sorted((SHARED_IMAGENET / "sample").glob("*/*.JPEG"))[:n]
     if len(files) < n:
         pytest.skip("shared ImageNet sample photos are absent")
-    return torch.from_numpy(np.stack([preprocess(load_rgb(f)) for f in files]))
+    p = Preprocess.from_config(model_entry("ppcls_shufflenet_v2_x1_0").preprocess)  # PaddleClas's own eval transform
+    return torch.from_numpy(np.stack([preprocess(load_rgb(f), p) for f in files]))
 
 
 def _with_photo_statistics(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
