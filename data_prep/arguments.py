@@ -15,6 +15,17 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def seed(text: str) -> int:
+    """An argparse type: a whole number >= 0 (numpy's seeded generators take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1."""
     try:

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from data_prep.arguments import positive_int
+from data_prep.arguments import positive_int, seed
 from quantize.core.digests import DigestStore
 from quantize.data.crop_cache import CropCache, StaleCacheError, build_cache, cache_key, open_cache
 from quantize.data.samples import Sample, balanced_subset, list_samples
@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--list", dest="image_list", type=Path, metavar="LIST_FILE",
                    help="cache only these images ('<image name> <class>' per line), in this order")
     p.add_argument("--limit", type=positive_int, metavar="N", help="a class-balanced subset of N images")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the --limit subset (default 0)")
+    p.add_argument("--seed", type=seed, default=0, metavar="S", help="seed of the --limit subset (default 0)")
     p.add_argument("--out", type=Path, required=True, metavar="CACHE_DIR", help="directory holding caches")
     p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 2), metavar="N",
                    help="decoding threads (default: CPU count, at most 8)")

@@ -68,8 +68,8 @@ def make_plan(root: Path, labels: dict[str, int], synsets: list[str], out: Path,
         if (source.exists() or source.is_symlink()) and not inside(source, root_real):
             leaving.append(f"{name} -> {os.path.realpath(source)}")
             continue
-        if target.parent.is_symlink() and not inside(target.parent, out_real):
-            leaving.append(f"{target.parent} -> {os.path.realpath(target.parent)}")
+        if not inside(target.parent if not target.is_symlink() else target, out_real):
+            leaving.append(f"{target} -> {os.path.realpath(target)}")
             continue
         if target.exists():
             if not source.exists():

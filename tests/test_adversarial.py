@@ -366,9 +366,11 @@ def test_calibration_lists_outside_the_root_stop_the_run(tmp_path, tiny_onnx, ou
     image_list.write_text(f"ILSVRC2012_val_00000001.JPEG 3\n{name} 3\n")
     result = quantize(tmp_path, *model_args(tiny_onnx, f"data.root={root}", f"calib.list={image_list}",
                                             f"work_dir={tmp_path / 'work'}"))
-    assert name in result.error_line()
+    line = result.error_line()
+    assert name in line and "outside" in line and str(image_list) in line
     cache = data_prep(tmp_path, "cache", "--root", root, "--list", image_list, "--out", tmp_path / "crops")
-    assert name in cache.error_line()
+    line = cache.error_line()
+    assert name in line and "outside" in line
     assert not (tmp_path / "crops").exists() or not any((tmp_path / "crops").iterdir())
 
 
@@ -396,7 +398,16 @@ def _link_relative_escape(root: Path, outside: Path) -> str:
     return link.name
 
 
+def _link_labels_file(root: Path, outside: Path) -> str:
+    """The labels file found in the root is a link to a file elsewhere (its lines would be echoed in errors)."""
+    (outside.parent / "passwords.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "val_label.txt").unlink()
+    (root / "val_label.txt").symlink_to(outside.parent / "passwords.txt")
+    return "val_label.txt"
+
+
 SYMLINKS = {
+    "labels-file-link": (True, _link_labels_file),
     "image-link-in-synset-folder": (False, _link_image_in_folder),
     "synset-folder-link": (False, _link_synset_folder),
     "flat-labelled-link": (True, _link_flat_entry),
@@ -411,7 +422,7 @@ def test_symlinks_leaving_the_root_are_refused(tmp_path, tiny_onnx, outside, kin
     name = make(root, outside)
     result = quantize(tmp_path, *model_args(tiny_onnx, f"data.root={root}", f"work_dir={tmp_path / 'work'}"))
     line = result.error_line()
-    assert name in line and "outside" in line
+    assert name in line and "outside" in line and "root:x" not in line
     assert not stage_dirs(tmp_path / "work")
     cache = data_prep(tmp_path, "cache", "--root", root, "--out", tmp_path / "crops")
     assert name in cache.error_line()
@@ -477,6 +488,8 @@ MEANINGLESS = {
     "calib.percentile=100.5": "calib.percentile",
     "analysis.speed_runs=0": "analysis.speed_runs",
     "quant.max_trials=0": "quant.max_trials",
+    "calib.seed=-1": "calib.seed",
+    "eval.seed=-2": "eval.seed",
 }
 
 
@@ -709,7 +722,8 @@ def test_bad_synsets_files_are_one_line(tmp_path, tiny_onnx, kind):
     synsets = BAD_SYNSETS[kind](tmp_path)
     result = quantize(tmp_path, *model_args(tiny_onnx, f"data.root={root}", f"work_dir={tmp_path / 'work'}",
                                             f"data.synsets={synsets}"))
-    assert str(synsets) in result.error_line()
+    line = result.error_line()
+    assert f"synsets file {synsets}" in line, line
 
 
 BAD_OVERRIDES = {
@@ -737,6 +751,8 @@ BAD_PREP_ARGS = {
     "missing-root": ["cache", "--out", "{tmp}/c"],
     "unknown-command": ["frobnicate"],
     "calib-set-n-negative": ["calib-set", "--ground-truth", "{gt}", "--n", "-1"],
+    "seed-negative": ["cache", "--root", "{root}", "--out", "{tmp}/c", "--limit", "3", "--seed", "-1"],
+    "limit-beyond-the-images": ["cache", "--root", "{root}", "--out", "{tmp}/c", "--limit", "7"],
 }
 
 

@@ -74,7 +74,8 @@ class DigestStore:
             keys.append(key)
             identities.append(identity)
             entry = self._entries.get(key)
-            if not (isinstance(entry, list) and entry[:4] == identity and len(entry) == 5):
+            if not (isinstance(entry, list) and len(entry) == 5 and entry[:4] == identity
+                    and isinstance(entry[4], str) and len(entry[4]) == 64):
                 todo.append(i)
         if todo:
             started = time.perf_counter()

@@ -120,6 +120,8 @@ def list_samples(
         labels_file = next((root / n for n in LABELS_FILE_NAMES if (root / n).is_file()), None)
         if labels_file is None and not folders:
             raise DataError(f"data root {root} has no dataset: {LAYOUTS_HELP}")
+        if labels_file is not None and not inside(labels_file, os.path.realpath(root)):  # found, not given
+            raise _outside_error(root, [f"{labels_file.name} -> {os.path.realpath(labels_file)}"])
     if labels_file is not None:
         samples, skipped = _list_flat(root, Path(labels_file), synsets, class_of)
     else:

@@ -255,6 +255,9 @@ class Pipeline:
     def _run_or_reuse(self, stage: str, stage_dir: Path, key: str, inputs: dict[str, Any],
                       work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         record_path = stage_dir / "record.json"
+        if stage_dir.is_symlink():  # read, written and maybe deleted below: never through a link out of work_dir
+            raise ConfigError(f"{stage_dir} is a symlink (to {stage_dir.resolve()}); stages read and write only "
+                              f"inside work_dir={self.cfg.work_dir}: remove the link")
         if record_path.exists() and stage not in self.force:
             log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
             return {**read_json(record_path), "cached": True}
