@@ -39,10 +39,6 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be > 0"
 
 
-def _not_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be >= 0"
-
-
 _SEED = _at_least(0, "a seed of the class-balanced selection")
 
 RULES: dict[str, Callable[[Any], str | None]] = {
@@ -62,7 +58,6 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "quant.refine_images": _optional(_at_least(1, "images weight rounding reads"), "every calibration image"),
     "quant.bias_correction_images": _at_least(1, "images bias correction reads"),
     "quant.batch_size": _at_least(1, "images per batch of equalize, GPTQ and bias correction"),
-    "quant.max_drop": _optional(_not_negative, "no accuracy budget"),
     "quant.max_trials": _at_least(1, "trials the accuracy budget may spend"),
     "quant.tune_images": _at_least(1, "images the accuracy budget tunes on"),
     "quant.tune_batch_size": _at_least(1, "images per batch when the budget scores a trial"),
