@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data_prep.labels import read_lines, read_synset_ground_truth, val_image_name
 from quantize.core.artifacts import write_text
+from data_prep.arguments import positive_int, seed
 from quantize.data.samples import NUM_CLASSES, Sample, balanced_subset, load_synsets, read_labels_file
 from quantize.core.errors import ConfigError, DataError, examples
 
@@ -83,8 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ground-truth", required=True,
                    help="synset-per-line ground truth (val_synsets.txt) or a labels file (val_label.txt)")
-    p.add_argument("--n", type=int, default=1000, help="number of images (default 1000: one per class)")
-    p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    p.add_argument("--n", type=positive_int, default=1000, help="number of images (default 1000: one per class)")
+    p.add_argument("--seed", type=seed, default=0, help="selection seed (default 0)")
     p.add_argument("--out", help="output file (default calib_lists/ilsvrc2012_val_<N>[_seed<S>].txt)")
     p.add_argument("--synsets", help="the 1000 sorted synsets (default: the bundled list)")
     p.set_defaults(run=run)

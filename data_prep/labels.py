@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -80,11 +81,12 @@ def read_synset_ground_truth(path: Path, synsets: Sequence[str]) -> list[str]:
 def read_devkit_ground_truth(path: Path) -> list[int]:
     """Devkit class id (1-1000) of each val image (``ILSVRC2012_validation_ground_truth.txt``)."""
     def parse(token: str) -> tuple[int, str | None]:
-        try:
-            ident = int(token)
-        except ValueError:
+        if not re.fullmatch(r"-?[0-9]+", token):  # plain decimal digits only: not '+5', '5.0', '1_0' or '٥'
             return 0, "with a non-integer id"
-        return ident, None if 1 <= ident <= NUM_CLASSES else f"with an id outside 1-{NUM_CLASSES}"
+        ident = int(token)
+        if token.startswith("-") or not 1 <= ident <= NUM_CLASSES:
+            return ident, f"with an id outside 1-{NUM_CLASSES}"
+        return ident, None
 
     return _parse_per_line(Path(path), "devkit ground truth", parse)
 

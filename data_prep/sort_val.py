@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quantize.core.artifacts import atomic_path
-from quantize.data.samples import load_synsets, read_labels_file
+from quantize.data.samples import inside, load_synsets, read_labels_file
 from quantize.core.errors import DataError, examples
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,19 @@ def make_plan(root: Path, labels: dict[str, int], synsets: list[str], out: Path,
     plan = Plan()
     missing: list[str] = []
     conflicts: list[str] = []
+    leaving: list[str] = []
+    root_real, out_real = os.path.realpath(root), os.path.realpath(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give the folder the synset folders go in (default: VAL_DIR)")
     for name, label in labels.items():
         source, target = root / name, out / synsets[label] / Path(name).name
+        # nothing is read, linked or moved from outside the root, nor written outside the output folder
+        if (source.exists() or source.is_symlink()) and not inside(source, root_real):
+            leaving.append(f"{name} -> {os.path.realpath(source)}")
+            continue
+        if not inside(target.parent if not target.is_symlink() else target, out_real):
+            leaving.append(f"{target} -> {os.path.realpath(target)}")
+            continue
         if target.exists():
             if not source.exists():
                 plan.in_place += 1
@@ -73,6 +84,9 @@ def make_plan(root: Path, labels: dict[str, int], synsets: list[str], out: Path,
             plan.todo.append((source, target))
         else:
             missing.append(name)
+    if leaving:
+        raise DataError(f"{len(leaving)} labelled entr{'ies' if len(leaving) > 1 else 'y'} lead outside {root} or "
+                        f"{out} ({examples(leaving)}); nothing outside them is moved or linked: nothing was changed")
     if missing:
         raise DataError(f"{len(missing)} of the {len(labels)} labelled images are neither in {root} nor sorted "
                         f"under {out} ({examples(missing)}); nothing was changed")

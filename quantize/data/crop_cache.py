@@ -4,9 +4,11 @@ A cache lives in ``<cache_dir>/<key>/``: ``crops.npy`` (uint8, N x 3 x crop x cr
 ``labels.npy`` (int64, N) and ``manifest.json``, written last. The key hashes everything the uint8 crops depend on
 (``Preprocess.crop_key``: resize size and rounding, interpolation, backend, crop size and offset rounding) and the
 ordered (image path relative to the dataset root, label) pairs, so a cache built for other preprocessing is never
-served; the manifest also records a digest of the image files' sizes, so a cache of other files under the same
-names is found stale. Color order, scale and mean/std are applied when batches are read, so models that only
-differ in those share a cache.
+served; the manifest also records a digest of the image files' bytes (``quantize.core.digests``), so a cache of
+other photos under the same names (another copy of the dataset, files replaced in place, even at the same size and
+mtime) is found stale. Color order, scale and mean/std are applied when batches are read, so models that only
+differ in those share a cache. The cache's files must be regular files inside its directory: a symlink leading
+elsewhere is refused.
 
 Crops are written and read through short-lived memory-mapped windows of a few dozen images, never a mapping of
 the whole file: touched pages of a mapping count in the process's resident memory until it is unmapped, and
@@ -36,11 +38,12 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from quantize.core.artifacts import file_sha256, key_of, read_json
-from quantize.data.samples import Sample
+from quantize.core.digests import DigestStore, combined
+from quantize.data.samples import Sample, inside
 from quantize.core.errors import ConfigError, DataError
 from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
 
-FORMAT = "crop-cache/3"  # 2: the manifest records a digest of the image files' sizes; 3: per-model resize settings
+FORMAT = "crop-cache/4"  # 2: a digest of the image files' sizes; 3: per-model resize settings; 4: a digest of their bytes
 CROPS, LABELS, MANIFEST = "crops.npy", "labels.npy", "manifest.json"
 CHUNK = 64  # images per memory-mapped window while building (reading uses one window per batch)
 
@@ -76,7 +79,9 @@ def _relative(path: Path, root: Path) -> str:
     if path.is_relative_to(root):
         return path.relative_to(root).as_posix()
     path, root = path.resolve(), root.resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    if not path.is_relative_to(root):
+        raise DataError(f"{path} is outside the dataset root {root}; a cache holds images of its root only")
+    return path.relative_to(root).as_posix()
 
 
 def _pairs(samples: Sequence[Sample], root: str | Path) -> list[list[Any]]:
@@ -87,14 +92,19 @@ def _list_sha256(pairs: list[list[Any]]) -> str:
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
 
 
-def _sizes_sha256(samples: Sequence[Sample]) -> str:
-    """A digest of the image files' sizes: replacing images under the same names (another copy of the dataset,
-    re-encoded files) changes it, so the cache is found stale instead of serving the old crops."""
-    try:
-        sizes = [os.stat(s.path).st_size for s in samples]
-    except OSError as exc:
-        raise DataError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    return hashlib.sha256(np.asarray(sizes, dtype=np.int64).tobytes()).hexdigest()
+def _images_sha256(samples: Sequence[Sample], digests: DigestStore | None) -> str:
+    """A digest of the image files' bytes, in sample order: other photos under the same names change it, so the
+    cache is found stale instead of serving the old crops. ``digests`` remembers file digests between runs (by
+    path, size, mtime, ctime and inode); without one every file is read."""
+    return combined((digests or DigestStore()).digests([s.path for s in samples]))
+
+
+def _cache_dir(cache_dir: str | Path) -> Path:
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise DataError(f"crop cache folder {cache_dir} is a file; give a folder to hold caches (it is created "
+                        "when missing)")
+    return cache_dir
 
 
 def _key(pairs: list[list[Any]], p: Preprocess) -> str:
@@ -173,7 +183,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 def build_cache(
     samples: Sequence[Sample], root: str | Path, p: Preprocess, cache_dir: str | Path, workers: int = 2,
-    desc: str | None = "cache",
+    desc: str | None = "cache", digests: DigestStore | None = None,
 ) -> Path:
     """Decode ``samples`` into a new cache and return its directory (replacing any cache under the same key).
 
@@ -184,7 +194,7 @@ def build_cache(
         raise DataError("no images to cache")
     pairs = _pairs(samples, root)
     key = _key(pairs, p)
-    cache_dir = Path(cache_dir)
+    cache_dir = _cache_dir(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = cache_dir / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -195,7 +205,7 @@ def build_cache(
         manifest = {
             "format": FORMAT, "key": key, "preprocess": crop_key(p), "count": len(samples),
             "shape": [len(samples), 3, p.crop, p.crop], "dtype": "uint8", "list_sha256": _list_sha256(pairs),
-            "image_sizes_sha256": _sizes_sha256(samples),
+            "images_sha256": _images_sha256(samples, digests),
             "files": {CROPS: _file_entry(tmp / CROPS, crops_sha), LABELS: _file_entry(tmp / LABELS)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "root": str(Path(root).resolve()), "build_seconds": round(time.perf_counter() - started, 3),
@@ -254,22 +264,27 @@ class CropCache:
 
 
 def open_cache(
-    samples: Sequence[Sample], root: str | Path, p: Preprocess, cache_dir: str | Path, verify: bool = True
+    samples: Sequence[Sample], root: str | Path, p: Preprocess, cache_dir: str | Path, verify: bool = True,
+    digests: DigestStore | None = None,
 ) -> CropCache | None:
     """The cache of these samples, or None if there is none; StaleCacheError if it exists but does not match.
 
-    ``verify`` also compares the files' sha256 with the manifest (reads the whole cache once).
+    The image files' bytes must be the ones the cache was built from (their digests come from ``digests`` when
+    given, else every image is read). ``verify`` also compares the cache files' sha256 with the manifest (reads
+    the whole cache once).
     """
     pairs = _pairs(samples, root)
-    path = Path(cache_dir) / _key(pairs, p)
-    if not path.exists():
+    cache_dir = _cache_dir(cache_dir)
+    path = cache_dir / _key(pairs, p)
+    if not path.exists() and not path.is_symlink():
         return None
     expected = {
         "format": FORMAT, "key": path.name, "preprocess": crop_key(p), "count": len(samples),
         "shape": [len(samples), 3, p.crop, p.crop], "dtype": "uint8", "list_sha256": _list_sha256(pairs),
-        "image_sizes_sha256": _sizes_sha256(samples),
+        "images_sha256": _images_sha256(samples, digests),
     }
     try:
+        _check_inside(path, cache_dir)
         manifest = _read_manifest(path, expected)
         offset = _check_crops(path, tuple(expected["shape"]))
         labels = _check_labels(path, [s.label for s in samples])
@@ -282,6 +297,17 @@ def open_cache(
     return CropCache(path=path, p=p, manifest=manifest, labels=labels, offset=offset)
 
 
+def _check_inside(path: Path, cache_dir: Path) -> None:
+    """The cache directory and its files are what they claim: nothing in it leads outside it."""
+    if not inside(path, os.path.realpath(cache_dir)):
+        raise _Problem(f"{path.name} leads outside {cache_dir} (to {os.path.realpath(path)})")
+    real = os.path.realpath(path)
+    for name in (MANIFEST, CROPS, LABELS):
+        if (path / name).is_symlink() and not inside(path / name, real):
+            raise _Problem(f"{name} is a link leading outside the cache (to {os.path.realpath(path / name)}); "
+                           "a cache's files must be inside it")
+
+
 def _read_manifest(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
     if not (path / MANIFEST).is_file():
         raise _Problem(f"no {MANIFEST}, so it is incomplete")
@@ -292,8 +318,8 @@ def _read_manifest(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise _Problem(f"{MANIFEST} is not a JSON object")
     for field, want in expected.items():
-        if field == "image_sizes_sha256" and manifest.get(field) not in (None, want):
-            raise _Problem("the image files are not the ones it was built from (their sizes differ)")
+        if field == "images_sha256" and manifest.get("format") == FORMAT and manifest.get(field) != want:
+            raise _Problem("the image files are not the ones it was built from (their contents differ)")
         if manifest.get(field) != want:
             raise _Problem(f"manifest {field} is {_short(manifest.get(field))}, expected {_short(want)}")
     files = manifest.get("files")

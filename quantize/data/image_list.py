@@ -8,9 +8,10 @@ from pathlib import Path
 from quantize.data.samples import Sample, list_samples, read_labels_file
 from quantize.core.errors import DataError, examples
 
-def read_image_list(path: str | Path, synsets: Sequence[str] | None = None) -> list[tuple[str, int]]:
-    """``(image name, class index)`` pairs in file order (classes may be indices or synset ids)."""
-    return list(read_labels_file(path, synsets).items())
+def read_image_list(path: str | Path, synsets: Sequence[str] | str | Path | None = None) -> list[tuple[str, int]]:
+    """``(image name, class index)`` pairs in file order (classes may be indices or synset ids); a name that climbs
+    out of the dataset root ('..', absolute) is a DataError, like in a labels file."""
+    return list(read_labels_file(path, synsets, what="image list").items())
 
 
 def match_image_list(
@@ -45,7 +46,7 @@ def match_image_list(
 
 def samples_from_list(
     root: str | Path, list_path: str | Path, labels: str | Path | None = None,
-    synsets: Sequence[str] | None = None,
+    synsets: Sequence[str] | str | Path | None = None,
 ) -> list[Sample]:
     """The images of the dataset at ``root`` named in ``list_path``, in list order."""
     samples = list_samples(root, labels_file=labels, synsets=synsets)

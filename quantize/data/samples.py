@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
 
 from quantize.core.artifacts import key_of
+from quantize.core.digests import DigestStore
 from quantize.core.errors import ConfigError, DataError, examples
 from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
+
+log = logging.getLogger(__name__)
 
 SYNSETS_FILE = Path(__file__).resolve().parents[1] / "resources" / "imagenet_synsets.txt"
 NUM_CLASSES = 1000
@@ -36,6 +41,23 @@ class Sample:
     label: int
 
 
+class SampleList(list):
+    """What ``list_samples`` returns: the samples, plus ``skipped``, every file under the root that is not one of
+    them, as ``(path relative to the root, reason)`` pairs. Nothing is dropped without being counted here."""
+
+    def __init__(self, samples=(), skipped: Sequence[tuple[str, str]] = ()):
+        super().__init__(samples)
+        self.skipped = list(skipped)
+
+    def skipped_summary(self, limit: int = 100) -> dict:
+        """For reports: how many files were skipped, how many for each reason, and the first ``limit`` of them."""
+        reasons: dict[str, int] = {}
+        for _, reason in self.skipped:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return {"count": len(self.skipped), "reasons": reasons,
+                "files": [f"{path} ({reason})" for path, reason in self.skipped[:limit]]}
+
+
 def load_synsets(path: str | Path | None = None, expected: int = NUM_CLASSES) -> list[str]:
     """Synset ids in class-index order (line k = class k; the first token of each non-blank line)."""
     path = Path(path) if path is not None else SYNSETS_FILE
@@ -52,21 +74,45 @@ def load_synsets(path: str | Path | None = None, expected: int = NUM_CLASSES) ->
     return synsets
 
 
+def _synset_list(synsets: Sequence[str] | str | Path | None) -> list[str]:
+    """A synset list given as ids, as the path of a synsets file, or None (the bundled list)."""
+    if synsets is None or isinstance(synsets, (str, Path)):
+        return load_synsets(synsets)
+    return list(synsets)
+
+
+def inside(path: str | Path, root_real: str) -> bool:
+    """Whether ``path``, with every symlink resolved, is ``root_real`` (a resolved folder) or lies under it."""
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _outside_error(root: Path, leaving: list[str]) -> DataError:
+    many = len(leaving) > 1
+    return DataError(
+        f"data root {root}: {len(leaving)} entr{'ies' if many else 'y'} lead{'' if many else 's'} outside it "
+        f"({examples(leaving)}); nothing outside the given root is read: copy the images into it, or point the "
+        "root at the folder that holds them")
+
+
 def list_samples(
-    root: str | Path, labels_file: str | Path | None = None, synsets: Sequence[str] | None = None
-) -> list[Sample]:
-    """Every labelled image under ``root``, sorted by (label, file name).
+    root: str | Path, labels_file: str | Path | None = None, synsets: Sequence[str] | str | Path | None = None
+) -> SampleList:
+    """Every labelled image under ``root``, sorted by (label, file name), with every other file counted.
 
     Layout detection: an explicit ``labels_file`` means flat files; otherwise synset-named subfolders mean
     the folder layout, then a labels file found in root (``LABELS_FILE_NAMES``) means flat files.
     Labels always come from the synset list (class index = position in it), never from folder order.
+    Nothing outside ``root`` is read: a symlink (or labels entry) leading out of it is a DataError. Files that
+    are not samples (other formats, nested folders, dangling links, unlabelled images, ...) are returned in
+    ``skipped`` and logged.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"data root {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data root {root} is not a directory")
-    synsets = list(synsets) if synsets is not None else load_synsets()
+    synsets = _synset_list(synsets)
     class_of = {s: i for i, s in enumerate(synsets)}
 
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -74,69 +120,174 @@ def list_samples(
         labels_file = next((root / n for n in LABELS_FILE_NAMES if (root / n).is_file()), None)
         if labels_file is None and not folders:
             raise DataError(f"data root {root} has no dataset: {LAYOUTS_HELP}")
+        if labels_file is not None and not inside(labels_file, os.path.realpath(root)):  # found, not given
+            raise _outside_error(root, [f"{labels_file.name} -> {os.path.realpath(labels_file)}"])
     if labels_file is not None:
-        samples = _list_flat(root, Path(labels_file), synsets, class_of)
+        samples, skipped = _list_flat(root, Path(labels_file), synsets, class_of)
     else:
-        samples = _list_folders(root, folders, class_of)
-    return sorted(samples, key=lambda s: (s.label, s.path.name, str(s.path)))
+        samples, skipped = _list_folders(root, folders, class_of)
+    skipped = _without_other_names(samples, skipped, root)
+    result = SampleList(sorted(samples, key=lambda s: (s.label, s.path.name, str(s.path))), sorted(skipped))
+    if skipped:
+        log.warning("data root %s: %s", root, describe_skipped(result.skipped))
+    return result
 
 
-def _is_image(entry: os.DirEntry) -> bool:
-    return entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith(".") and entry.is_file()
+def describe_skipped(skipped: Sequence[tuple[str, str]]) -> str:
+    """``skipped 3 files (not a .jpeg/.jpg/.png file: a.webp, b.bmp; dangling link: c.JPEG)``."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    parts = "; ".join(f"{reason}: {examples(paths)}" for reason, paths in by_reason.items())
+    return f"skipped {len(skipped)} file{'' if len(skipped) == 1 else 's'} ({parts})"
 
 
-def _list_folders(root: Path, folders: list[str], class_of: dict[str, int]) -> list[Sample]:
+SKIP_FORMAT = f"not a {'/'.join(IMAGE_EXTENSIONS)} file"
+
+
+def _classify(path: str, entry: os.DirEntry, root_real: str, leaving: list[str]) -> str | None:
+    """None for an image to read; otherwise why it is skipped. Links leading out of the root go to ``leaving``."""
+    if entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        if not os.path.exists(target):
+            return "dangling link"
+        if not inside(target, root_real):
+            leaving.append(f"{path} -> {target}")
+            return "link leading outside the root"
+    if entry.name.startswith("."):
+        return "hidden file"
+    if entry.is_dir():
+        return "folder"
+    if not entry.is_file():
+        return "not a regular file"
+    if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+        return SKIP_FORMAT
+    return None
+
+
+def _walk_files(folder: str, prefix: str) -> list[str]:
+    """Every non-directory entry under ``folder`` (links not followed), as ``prefix/relative path``."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        relative = os.path.relpath(parent, folder)
+        base = prefix if relative == "." else f"{prefix}/{relative}"
+        found += [f"{base}/{name}" for name in sorted(files)]
+        found += [f"{base}/{name}" for name in dirs if os.path.islink(os.path.join(parent, name))]
+    return found
+
+
+def _list_folders(root: Path, folders: list[str], class_of: dict[str, int]
+                  ) -> tuple[list[Sample], list[tuple[str, str]]]:
     unknown = [f for f in folders if f not in class_of]
     if unknown:
         raise DataError(
             f"data root {root}: {len(unknown)} folders are not ImageNet synset ids ({examples(unknown)}); "
             + LAYOUTS_HELP
         )
-    samples = [
-        Sample(root / folder / e.name, class_of[folder])
-        for folder in folders
-        for e in os.scandir(root / folder)
-        if _is_image(e)
-    ]
+    root_real = os.path.realpath(root)
+    leaving = [f"{f} -> {os.path.realpath(root / f)}" for f in folders if not inside(root / f, root_real)]
+    if leaving:
+        raise _outside_error(root, leaving)
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for folder in folders:
+        for e in os.scandir(root / folder):
+            name = f"{folder}/{e.name}"
+            reason = _classify(name, e, root_real, leaving)
+            if reason is None:
+                samples.append(Sample(root / folder / e.name, class_of[folder]))
+            elif reason == "folder":
+                skipped += [(p, "in a nested folder") for p in _walk_files(e.path, name)]
+            else:
+                skipped.append((name, reason))
+    for e in os.scandir(root):  # files beside the synset folders
+        if e.name in LABELS_FILE_NAMES or e.name in folders:
+            continue
+        reason = _classify(e.name, e, root_real, [])  # not read, so only counted
+        if reason == "folder":
+            skipped += [(p, "in a folder that is not a synset id") for p in _walk_files(e.path, e.name)]
+        else:
+            skipped.append((e.name, reason or "not in a synset folder"))
+    if leaving:
+        raise _outside_error(root, leaving)
     if not samples:
         raise DataError(f"data root {root}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in its synset folders")
-    return samples
+    return samples, skipped
 
 
-def read_labels_file(path: str | Path, synsets: Sequence[str] | None = None) -> dict[str, int]:
-    """``{image name: class index}`` from a labels file (``name class`` or ``name synset`` per line), validated."""
-    synsets = list(synsets) if synsets is not None else load_synsets()
-    return _parse_labels(Path(path), synsets, {s: i for i, s in enumerate(synsets)})
+def _without_other_names(samples: list[Sample], skipped: list[tuple[str, str]], root: Path
+                         ) -> list[tuple[str, str]]:
+    """Skipped entries that are not another name (hard link) of a sample: after ``data_prep sort-val`` sorts a flat
+    folder in place, its flat names are the same files as the sorted ones, and nothing is dropped."""
+    if not skipped:
+        return skipped
+    def identity(path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+    used = {identity(s.path) for s in samples}
+    return [(path, reason) for path, reason in skipped
+            if reason in ("dangling link",) or identity(root / path) not in used]
 
 
-def _parse_labels(path: Path, synsets: Sequence[str], class_of: dict[str, int]) -> dict[str, int]:
+def read_labels_file(path: str | Path, synsets: Sequence[str] | str | Path | None = None,
+                     what: str = "labels file") -> dict[str, int]:
+    """``{image name: class index}`` from a labels file (``name class`` or ``name synset`` per line), validated.
+
+    A class is a synset id of the list or a plain decimal number (ASCII digits only: not '+5', '5.0', '0x5',
+    '1_0', '٥'); a name is a path relative to the data root that does not climb out of it ('..', absolute)."""
+    synsets = _synset_list(synsets)
+    return _parse_labels(Path(path), synsets, {s: i for i, s in enumerate(synsets)}, what)
+
+
+_FIELD_SEPARATORS = re.compile(r"[ \t]+")
+_DECIMAL = re.compile(r"-?[0-9]+")  # a minus sign only to say "outside 0-999" rather than "not a number"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def escapes_root(name: str) -> bool:
+    """Whether a relative name from a labels file or list would leave the root it is read against."""
+    path = PurePosixPath(name)
+    return path.is_absolute() or ".." in path.parts or name.startswith("~")
+
+
+def _parse_labels(path: Path, synsets: Sequence[str], class_of: dict[str, int],
+                  what: str = "labels file") -> dict[str, int]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read labels file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise DataError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
     n = len(synsets)
     labels: dict[str, int] = {}
     problems: dict[str, list[str]] = {}  # kind of problem -> offending lines, in file order
     for number, line in enumerate(lines, 1):
-        tokens = line.split()
-        if not tokens:
+        stripped = line.strip(" \t\r\n\f\v")
+        if not stripped:
             continue
-        where = f"line {number}: {line.strip()!r}"
-        if len(tokens) != 2:
+        tokens = _FIELD_SEPARATORS.split(stripped)  # ASCII blanks only: a no-break space is not a separator
+        where = f"line {number}: {stripped!r}"
+        if len(tokens) != 2 or _CONTROL.search(stripped):
             problems.setdefault("malformed {lines}, expected '<image name> <class>'", []).append(where)
             continue
         name, cls = tokens
+        if escapes_root(name):
+            problems.setdefault("{lines} naming a path outside the data root (names are relative to it, "
+                                "without '..')", []).append(where)
+            continue
         if cls in class_of:
             label = class_of[cls]
-        else:
-            try:
-                label = int(cls)
-            except ValueError:
-                problems.setdefault("{lines} whose class is neither an index nor a known synset", []).append(where)
-                continue
-            if not 0 <= label < n:
+        elif _DECIMAL.fullmatch(cls):
+            label = int(cls)
+            if cls.startswith("-") or not 0 <= label < n:
                 problems.setdefault(f"{{lines}} with a class outside 0-{n - 1}", []).append(where)
                 continue
+        else:
+            problems.setdefault(f"{{lines}} whose class is neither an index nor a known synset (an index is "
+                                f"written in plain decimal digits, 0-{n - 1})", []).append(where)
+            continue
+        name = os.path.normpath(name)
         if name in labels:
             problems.setdefault("{lines} repeating an earlier image name", []).append(where)
             continue
@@ -146,22 +297,48 @@ def _parse_labels(path: Path, synsets: Sequence[str], class_of: dict[str, int]) 
             f"{len(v)} {kind.format(lines='line' if len(v) == 1 else 'lines')} ({examples(v)})"
             for kind, v in problems.items()
         ]
-        raise DataError(f"labels file {path}: " + "; ".join(parts))
+        raise DataError(f"{what} {path}: " + "; ".join(parts))
     if not labels:
-        raise DataError(f"labels file {path} has no entries")
+        raise DataError(f"{what} {path} has no entries")
     return labels
 
 
-def _list_flat(root: Path, labels_file: Path, synsets: Sequence[str], class_of: dict[str, int]) -> list[Sample]:
+def _list_flat(root: Path, labels_file: Path, synsets: Sequence[str], class_of: dict[str, int]
+               ) -> tuple[list[Sample], list[tuple[str, str]]]:
     labels = _parse_labels(labels_file, synsets, class_of)
-    present = {e.name for e in os.scandir(root) if e.is_file()}
-    missing = [name for name in labels if name not in present and not (root / name).is_file()]
+    root_real = os.path.realpath(root)
+    entries = {e.name: e for e in os.scandir(root)}
+    missing, leaving = [], []
+    for name in labels:
+        entry = entries.get(name)
+        if entry is not None and not entry.is_symlink():  # a plain file of the root: the common case, no syscall
+            if not entry.is_file():
+                missing.append(name)
+            continue
+        real = os.path.realpath(root / name)
+        if not os.path.isfile(real):
+            missing.append(name)
+        elif not inside(real, root_real):
+            leaving.append(f"{name} -> {real}")
+    if leaving:
+        raise _outside_error(root, leaving)
     if missing:
         raise DataError(
             f"labels file {labels_file}: {len(missing)} of {len(labels)} images are missing from {root} "
             f"({examples(missing)})"
         )
-    return [Sample(root / name, label) for name, label in labels.items()]
+    skipped: list[tuple[str, str]] = []
+    labels_real = os.path.realpath(labels_file)
+    for name, e in sorted(entries.items()):
+        if name in labels or name in LABELS_FILE_NAMES or os.path.realpath(e.path) == labels_real:
+            continue
+        reason = _classify(name, e, root_real, [])
+        if reason == "folder":
+            skipped += [(p, "not in the labels file") for p in _walk_files(e.path, name)
+                        if os.path.normpath(p) not in labels]
+        else:
+            skipped.append((name, reason or "not in the labels file"))
+    return [Sample(root / name, label) for name, label in labels.items()], skipped
 
 
 def balanced_subset(samples: Sequence[Sample], n: int | None, seed: int = 0) -> list[Sample]:
@@ -282,7 +459,13 @@ def _generate(samples, batch_size, p, workers, desc, stats):
             progress.close()
 
 
-def samples_digest(samples: list[Sample], root: Path) -> str:
-    """A key for an image list: paths relative to ``root`` (so a moved dataset keeps its key) and labels."""
-    return key_of([[str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path), s.label]
-                   for s in samples])
+def samples_digest(samples: Sequence[Sample], root: Path, store: DigestStore | None = None) -> str:
+    """A key for an image list: the root, each image's path relative to it, its label and the digest of its bytes
+    (``store`` remembers digests between runs; without one every file is hashed). Other photos under the same
+    names, in place or in another folder, give another key."""
+    digests = (store or DigestStore()).digests([s.path for s in samples])
+    if store is not None:
+        store.save()
+    return key_of({"root": str(root),
+                   "images": [[str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path),
+                               s.label, digest] for s, digest in zip(samples, digests)]})

@@ -29,7 +29,7 @@ import onnx
 
 from quantize.accuracy.budget import TuneSet, rank_candidates, search
 from quantize.core.artifacts import file_sha256, write_json
-from quantize.data.samples import Sample, balanced_subset, samples_digest
+from quantize.data.samples import Sample, balanced_subset
 from quantize.accuracy.equalize import equalize
 from quantize.config import Config, EvalConfig
 from quantize.core.errors import ConfigError
@@ -57,7 +57,10 @@ class StageHost(Protocol):
 
     def stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]: ...
 
-    def samples(self, section: EvalConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]: ...
+    def samples(self, section: EvalConfig, limit: int | None, seed: int, asked: str | None = None
+                ) -> tuple[list[Sample], Path]: ...
+
+    def images_key(self, samples: list[Sample], root: Path) -> str: ...
 
     def calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]: ...
 
@@ -117,7 +120,7 @@ class AccuracyStages:
     def eval_samples(self) -> tuple[list[Sample], Path]:
         """The evaluation images; with a budget, without the tuning subset (disjoint by file)."""
         e = self.cfg.eval
-        samples, root = self.host.samples(e, e.limit, e.seed)
+        samples, root = self.host.samples(e, e.limit, e.seed, asked="eval.limit")
         if not self._budgeted():
             return samples, root
         tuned = {s.path.resolve() for s in self.tune_samples()[0]}
@@ -138,7 +141,7 @@ class AccuracyStages:
     def equalize(self) -> dict[str, Any]:
         exported = self.host.get("export")
         samples, root = self._calibration_subset(None)
-        inputs = {"model_sha256": exported["sha256"], "images": samples_digest(samples, root),
+        inputs = {"model_sha256": exported["sha256"], "images": self.host.images_key(samples, root),
                   "preprocess": self.preprocess.key(), "version": VERSIONS["equalize"]}
 
         def work(stage_dir: Path) -> dict[str, Any]:
@@ -160,8 +163,8 @@ class AccuracyStages:
         corr_samples, _ = self._calibration_subset(min(q.bias_correction_images, q.refine_images or 1 << 30))
         inputs = {"fp32_sha256": source["sha256"], "int8_sha256": quantized["sha256"],
                   "weight_rounding": q.weight_rounding, "bias_correction": bool(q.bias_correction),
-                  "images": samples_digest(samples, root),
-                  "correction_images": samples_digest(corr_samples, root) if q.bias_correction else None,
+                  "images": self.host.images_key(samples, root),
+                  "correction_images": self.host.images_key(corr_samples, root) if q.bias_correction else None,
                   "preprocess": self.preprocess.key(), "version": VERSIONS["refine"]}
 
         def work(stage_dir: Path) -> dict[str, Any]:
@@ -188,7 +191,7 @@ class AccuracyStages:
         inputs = {"fp32_sha256": exported["sha256"], "source_sha256": source["sha256"],
                   "ranges_sha256": calibrated["sha256"], "start_sha256": start["sha256"],
                   "options": self.quant_options(), "method": calibrated["method"], "max_drop": q.max_drop,
-                  "max_trials": q.max_trials, "images": samples_digest(samples, root),
+                  "max_trials": q.max_trials, "images": self.host.images_key(samples, root),
                   "sensitivity_images": a.sensitivity_images, "preprocess": self.preprocess.key(),
                   "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["budget"]}
 
@@ -242,7 +245,8 @@ class AccuracyStages:
         final = self.final_int8()
         a = self.cfg.analysis
         samples, root = self._calibration_subset(a.sensitivity_images)
-        inputs = {"fp32_sha256": source["sha256"], "int8_sha256": final["sha256"], "images": samples_digest(samples, root),
+        inputs = {"fp32_sha256": source["sha256"], "int8_sha256": final["sha256"],
+                  "images": self.host.images_key(samples, root),
                   "preprocess": self.preprocess.key(), "version": VERSIONS["sensitivity"]}
 
         def work(stage_dir: Path) -> dict[str, Any]:

@@ -27,7 +27,9 @@ def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict
     return {
         "model": cfg.model.name,
         "source": cfg.model.source,
-        "calib": {"method": calib["method"], "num_images": calib["num_images"], "seconds": calib["seconds"],
+        "calib": {"method": calib["method"], "num_images": calib["num_images"],
+                  "num_images_requested": calib.get("num_images_requested"), "skipped": calib.get("skipped"),
+                  "seconds": calib["seconds"],
                   "peak_rss_mb": calib["peak_rss_mb"], "percentile": cfg.calib.percentile
                   if calib["method"] == "percentile" else None, "root": calib["root"], "list": calib.get("list"),
                   "list_sha256": calib.get("list_sha256"), "cached": calib["cached"]},
@@ -36,6 +38,7 @@ def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict
         "drop_top1": ev["fp32"]["top1"] - ev["int8"]["top1"],
         "agreement_top1": ev["agreement_top1"],
         "eval": {"num_images": ev["num_images"], "root": ev["root"], "seconds": ev["seconds"],
+                 "limit": ev.get("limit"), "skipped": ev.get("skipped"),
                  "images_per_second": ev["images_per_second"],
                  "stage_images_per_second": ev.get("stage_images_per_second"),
                  "minutes_for_50000": ev.get("minutes_for_50000"), "fp32_reused": ev.get("fp32_reused")},
@@ -156,6 +159,17 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _skipped_note(report: dict[str, Any]) -> str:
+    """A sentence naming files of the data folders that were not read (report.json lists them), or nothing."""
+    notes = []
+    for section, what in (("eval", "evaluation"), ("calib", "calibration")):
+        skipped = report[section].get("skipped") or {}
+        if skipped.get("count"):
+            reasons = ", ".join(f"{n} {reason}" for reason, n in skipped["reasons"].items())
+            notes.append(f"{skipped['count']} files of the {what} folder skipped ({reasons})")
+    return (" " + "; ".join(notes) + "; listed in report.json.") if notes else ""
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     fp32, int8, ref = report["fp32"], report["int8"], report["reference"]
     calib = report["calib"]
@@ -165,7 +179,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['eval']['num_images']} images from `{report['eval']['root']}`; calibration: {calib['method']} "
         f"on {calib['num_images']} images"
         + (f" of `{calib['list']}`" if calib["list"] else " selected class-balanced")
-        + f" ({_fmt(calib['seconds'], 1)} s, peak RSS {_fmt(calib['peak_rss_mb'], 0)} MiB).",
+        + f" ({_fmt(calib['seconds'], 1)} s, peak RSS {_fmt(calib['peak_rss_mb'], 0)} MiB)."
+        + _skipped_note(report),
         "",
         "| | top-1 | top-5 |",
         "|---|---|---|",

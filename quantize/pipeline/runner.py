@@ -28,7 +28,10 @@ from quantize.core.artifacts import atomic_path, file_sha256, key_of, read_json,
 from quantize.stages.calibrate import METHOD_VERSIONS, calibrate, save_ranges
 from quantize.config import ALL_STAGES, STAGES, CalibConfig, Config, EvalConfig
 from quantize.data.crop_cache import open_cache
-from quantize.data.samples import Sample, balanced_subset, iter_batches, list_samples, samples_digest
+from quantize.core.digests import DigestStore
+from quantize.data.samples import (Sample, SampleList, balanced_subset, iter_batches, list_samples, load_synsets,
+                                   samples_digest)
+from quantize.pipeline.checks import check_config
 from quantize.core.errors import ConfigError
 from quantize.stages.evaluate import FULL_VAL, evaluate
 from quantize.stages.export import Exported, export_onnx, import_onnx
@@ -137,6 +140,7 @@ class Pipeline:
         if not isinstance(cfg, Config):
             _require_complete(cfg)
             cfg = OmegaConf.to_object(cfg)
+        check_config(cfg)  # a value no run can honour fails here, before any work
         self.cfg: Config = cfg
         self.run_dir = Path(run_dir)
         unknown = [s for s in cfg.stages if s not in ALL_STAGES]
@@ -150,6 +154,11 @@ class Pipeline:
         self.preprocess = Preprocess.from_config(cfg.model.preprocess)
         self.records: dict[str, dict[str, Any]] = {}
         self._sample_cache: dict[tuple, list[Sample]] = {}
+        self._listings: dict[tuple, SampleList] = {}
+        self._warned: set[tuple] = set()
+        self.synsets = load_synsets(cfg.data.synsets) if cfg.data.synsets else None
+        # digests of the images' bytes, remembered across runs: stage keys cover what the images hold, not their names
+        self.digests = DigestStore(Path(cfg.work_dir) / "image-digests.json")
         self.accuracy = AccuracyStages(self)
 
     def get(self, stage: str) -> dict[str, Any]:
@@ -166,20 +175,49 @@ class Pipeline:
             raise ConfigError("no dataset given: set data.root=PATH (ImageNet val, synset folders or flat + labels)")
         return Path(root).expanduser().resolve(), section.labels or self.cfg.data.labels
 
-    def samples(self, section: CalibConfig | EvalConfig, limit: int | None, seed: int) -> tuple[list[Sample], Path]:
+    def _listing(self, section: CalibConfig | EvalConfig) -> tuple[SampleList, Path]:
+        """Every image of a section's folder (and every file skipped there), listed once per run."""
         root, labels = self._root(section)
-        key = (root, labels, limit, seed)
+        if (root, labels) not in self._listings:
+            self._listings[root, labels] = list_samples(root, labels_file=labels, synsets=self.synsets)
+        return self._listings[root, labels], root
+
+    def samples(self, section: CalibConfig | EvalConfig, limit: int | None, seed: int, asked: str | None = None
+                ) -> tuple[list[Sample], Path]:
+        """A class-balanced subset of ``limit`` images of the section's folder (all of them for None). ``asked``
+        names the key the user set: eval.limit beyond the images there is refused, other counts are warned."""
+        everything, root = self._listing(section)
+        if limit is not None and limit > len(everything) and asked is not None:
+            self._too_few(asked, limit, len(everything), root)
+        key = (*self._root(section), limit, seed)
         if key not in self._sample_cache:
-            samples = list_samples(root, labels_file=labels, synsets=self.cfg.data.synsets)
-            self._sample_cache[key] = balanced_subset(samples, limit, seed=seed) if limit else samples
+            self._sample_cache[key] = balanced_subset(everything, limit, seed=seed) if limit else list(everything)
         return self._sample_cache[key], root
+
+    def _too_few(self, asked: str, wanted: int, available: int, where: Any) -> None:
+        if asked == "eval.limit":
+            raise ConfigError(f"eval.limit={wanted} asks for more images than the {available} in {where}; set "
+                              f"eval.limit={available} or less, or eval.limit=null to evaluate them all")
+        if (asked, where) not in self._warned:
+            self._warned.add((asked, where))
+            log.warning("%s=%d but only %d images are in %s: using all %d", asked, wanted, available, where,
+                        available)
+
+    def images_key(self, samples: list[Sample], root: Path) -> str:
+        """What a stage reading these images depends on: the root, the names, labels and bytes of the images."""
+        return samples_digest(samples, root, self.digests)
+
+    def data_notes(self, section: CalibConfig | EvalConfig) -> dict[str, Any]:
+        """Report fields about a section's folder: the files it holds that were skipped, and why."""
+        listing, _ = self._listing(section)
+        return {"skipped": listing.skipped_summary()}
 
     def calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]:
         """The committed list when the calibration folder holds its images, else a class-balanced selection."""
         c = self.cfg.calib
         if c.list:
             list_path = _project_path(c.list)
-            entries = read_image_list(list_path)
+            entries = read_image_list(list_path, self.synsets)
             everything, root = self.samples(c, None, c.seed)
             present = {s.path.name for s in everything}
             found = sum(name in present for name, _ in entries)
@@ -187,16 +225,18 @@ class Pipeline:
                 listed = match_image_list(everything, entries, source=f"calib.list {list_path}")
                 if c.num_images < len(listed):
                     listed = balanced_subset(listed, c.num_images, seed=c.seed)
+                elif c.num_images > len(listed):
+                    self._too_few("calib.num_images", c.num_images, len(listed), f"calib.list={c.list}")
                 return listed, root, {"list": str(list_path), "list_sha256": file_sha256(list_path)}
             log.info("calibrate: none of the %d images of calib.list=%s are in %s (not ImageNet val); selecting "
                      "%d images class-balanced from the folder instead", len(entries), c.list, root, c.num_images)
-        samples, root = self.samples(c, c.num_images, c.seed)
+        samples, root = self.samples(c, c.num_images, c.seed, asked="calib.num_images")
         return samples, root, {"list": None, "list_sha256": None}
 
     def batches(self, samples: list[Sample], root: Path, batch_size: int, desc: str | None):
         """Decoded batches, read from a matching preprocessed cache in data.cache_dir when there is one."""
         if self.cfg.data.cache_dir:
-            cache = open_cache(samples, root, self.preprocess, Path(self.cfg.data.cache_dir))
+            cache = open_cache(samples, root, self.preprocess, Path(self.cfg.data.cache_dir), digests=self.digests)
             if cache is not None:
                 log.info("%s: reading preprocessed crops from %s", desc or "data", cache.path)
                 return cache.iter_batches(batch_size, desc=desc)
@@ -215,6 +255,9 @@ class Pipeline:
     def _run_or_reuse(self, stage: str, stage_dir: Path, key: str, inputs: dict[str, Any],
                       work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         record_path = stage_dir / "record.json"
+        if stage_dir.is_symlink():  # read, written and maybe deleted below: never through a link out of work_dir
+            raise ConfigError(f"{stage_dir} is a symlink (to {stage_dir.resolve()}); stages read and write only "
+                              f"inside work_dir={self.cfg.work_dir}: remove the link")
         if record_path.exists() and stage not in self.force:
             log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
             return {**read_json(record_path), "cached": True}
@@ -245,6 +288,7 @@ class Pipeline:
                   "num_classes": m.num_classes, "opset": self.cfg.export.opset,
                   "tolerance": self.cfg.export.tolerance, "check_images": self.cfg.export.check_images,
                   "preprocess": self.preprocess.key(),  # the check images, and what the network is built to take
+                  "check_images_key": self.images_key(*self._check_samples()),  # the recorded difference's images
                   "torch": metadata.version("torch")}
 
         def work(stage_dir: Path) -> dict[str, Any]:
@@ -267,7 +311,8 @@ class Pipeline:
         if not source.is_file():
             raise ConfigError(f"model.path={self.cfg.model.path} does not exist")
         inputs = {"onnx_sha256": file_sha256(source), "num_classes": self.cfg.model.num_classes,
-                  "check_images": self.cfg.export.check_images, "preprocess": self.preprocess.key()}
+                  "check_images": self.cfg.export.check_images, "preprocess": self.preprocess.key(),
+                  "check_images_key": self.images_key(*self._check_samples())}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             imported = import_onnx(source, stage_dir / "model.onnx", self._check_batch(),
@@ -278,8 +323,12 @@ class Pipeline:
 
     def _check_batch(self):
         """A few real images (from the calibration folder) to compare the ONNX model against its source."""
-        samples, root = self.samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed)
+        samples, root = self._check_samples()
         return next(iter(self.batches(samples, root, len(samples), desc=None)))[0]
+
+    def _check_samples(self) -> tuple[list[Sample], Path]:
+        return self.samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed,
+                            asked="export.check_images")
 
     def optimize(self) -> dict[str, Any]:
         """The fp32 graph after the exact rewrites of ``quantize.graph``: what calibration, quantization and the
@@ -309,7 +358,7 @@ class Pipeline:
                   **({"method_version": METHOD_VERSIONS[c.method]} if METHOD_VERSIONS.get(c.method, 1) > 1 else {}),
                   "percentile": c.percentile if c.method == "percentile" else None,
                   "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
-                  "images": samples_digest(samples, root), "preprocess": self.preprocess.key()}
+                  "images": self.images_key(samples, root), "preprocess": self.preprocess.key()}
 
         def work(stage_dir: Path) -> dict[str, Any]:
             images = (batch for batch, _ in self.batches(samples, root, c.batch_size, desc="calibrate"))
@@ -322,7 +371,9 @@ class Pipeline:
                     "peak_rss_mb": result.peak_rss_mb, "root": str(root), "measured_tensors": result.measured,
                     **image_list}
 
-        return self.stage("calibrate", inputs, work)
+        record = self.stage("calibrate", inputs, work)
+        record.update(self.data_notes(c), num_images_requested=c.num_images)
+        return record
 
     def quantize(self) -> dict[str, Any]:
         exported = self.get("optimize")
@@ -344,7 +395,7 @@ class Pipeline:
         quantized = self.accuracy.final_int8()  # after refine/budget when those are configured
         e = self.cfg.eval
         samples, root = self.accuracy.eval_samples()  # without the budget's tuning images
-        images = samples_digest(samples, root)
+        images = self.images_key(samples, root)
         inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
                   "images": images, "limit": e.limit, "seed": e.seed, "preprocess": self.preprocess.key()}
         reference = self.model_dir / "fp32-predictions-{}".format(key_of({
@@ -372,9 +423,16 @@ class Pipeline:
                     "stage_seconds": result.stage_seconds, "threads": result.threads,
                     "minutes_for_50000": FULL_VAL / result.images_per_second / 60}
 
-        return self.stage("evaluate", inputs, work)
+        record = self.stage("evaluate", inputs, work)
+        record.update(self.data_notes(e), limit=e.limit)
+        return record
 
     def run(self) -> dict[str, Any] | None:
+        # the images first: a missing folder, a bad labels file or a link out of the root costs no model work
+        self._check_samples()
+        self.calibration_samples()
+        if {"evaluate", "report"} & set(self.stages):
+            self.accuracy.eval_samples()
         for stage in ALL_STAGES[:-1]:
             if stage in self.stages:
                 self.get(stage)

@@ -15,6 +15,7 @@ import threading
 import numpy as np
 
 
+MIN_BINS = 16  # fewer bins cannot place a percentile or an entropy threshold anywhere useful
 _SLICE = 1 << 18  # values binned per pass: a slice and its indices stay in the core's cache
 
 
@@ -33,8 +34,8 @@ class StreamingHistogram:
     def __init__(self, num_bins: int = 2048, count_zeros: bool = False):
         """``count_zeros`` also counts the values that are exactly zero (one more pass over every batch), which
         ``entropy_range`` leaves out of its search."""
-        if num_bins < 16:
-            raise ValueError("num_bins must be at least 16")
+        if num_bins < MIN_BINS:
+            raise ValueError(f"num_bins must be at least {MIN_BINS}")
         self.num_bins = num_bins
         self.count_zeros = count_zeros
         self.zeros = 0

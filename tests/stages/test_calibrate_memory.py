@@ -110,7 +110,7 @@ def test_binning_threads_do_not_change_the_result(model_path, images):
     results = []
     for workers in (1, 2):
         session = make_session(calib.SerializeToString(), memory_pattern=False)
-        ranges, count, _ = _run_in_thread(session, plan.measured, mins, maxs, shapes, [images], "percentile",
+        ranges, count = _run_in_thread(session, plan.measured, mins, maxs, shapes, [images], "percentile",
                                           99.9, 512, workers=workers)
         assert count == len(images)
         results.append(ranges)
