@@ -167,6 +167,7 @@ _made: dict[str, Runtime] = {}
 
 def get_runtime(name: str) -> Runtime:
     """The runtime called ``name`` (one of RUNTIMES); ConfigError naming the install command when it is missing."""
+    name = str(name)  # config.Runtime choices print as their value
     if name not in _RUNTIMES:
         raise ConfigError(f"unknown runtime {name!r}; runtimes are {', '.join(RUNTIMES)}")
     if name not in _made:
