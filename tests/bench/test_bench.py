@@ -1,6 +1,7 @@
 """make bench / make bench-calib: the JSON they write and the memory cap of the stock path (tiny inputs, no timings)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import write_tiny_imagenet
 from quantize.bench import latency as bench
 from quantize.bench import calibration as bench_calib
 from quantize.bench import evaluation as bench_eval
+from quantize.core import inference
 from quantize.stages.export import export_onnx
 
 
@@ -45,6 +47,39 @@ def test_bench_json_has_latency_percentiles_and_throughput(fp32, tmp_path):
     assert result["latency"]["batch"] == 1 and result["throughput"]["batch"] == 2
     assert set(result["latency"]["speedup_p50"]) == set(result["throughput"]["speedup"]) == {"int8"}
     assert "| int8 |" in bench.table(result)
+    assert result["runtimes"] == {"onnxruntime": result["machine"]["onnxruntime"]}
+    assert {m["runtime"] for m in result["models"].values()} == {"onnxruntime"}
+    assert set(result["load_average_1min"]) == {"before", "after"} and "load average" in bench.table(result)
+
+
+@pytest.mark.skipif(not inference.available("openvino"), reason="OpenVINO is not installed")
+def test_bench_times_both_runtimes_in_one_process_against_onnxruntime_fp32(fp32, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--fp32", str(fp32), "--int8", str(fp32), "--batch", "2", "--iterations", "2",
+                       "--warmup", "1", "--blocks", "2", "--threads", "1", "--runtimes", "onnxruntime,openvino",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = ["fp32", "int8", "openvino fp32", "openvino int8"]
+    assert list(result["models"]) == list(result["latency"]["models"]) == names
+    assert [result["models"][n]["runtime"] for n in names] == ["onnxruntime"] * 2 + ["openvino"] * 2
+    assert set(result["runtimes"]) == {"onnxruntime", "openvino"} and result["reference"] == "fp32"
+    assert set(result["latency"]["speedup_p50"]) == set(result["throughput"]["speedup"]) == set(names[1:])
+    table = bench.table(result)
+    assert f"openvino {result['runtimes']['openvino']}" in table and "| openvino int8 |" in table
+    # openvino alone: ONNX Runtime's fp32 is still timed, as the reference of the ratios
+    models, runtime_of = bench.in_runtimes({"fp32": fp32, "int8": fp32}, ["openvino"])
+    assert runtime_of == {"fp32": "onnxruntime", "openvino fp32": "openvino", "openvino int8": "openvino"}
+
+
+def test_bench_without_openvino_or_with_an_unknown_runtime_is_one_line(fp32, monkeypatch, capsys):
+    args = ["--fp32", str(fp32), "--int8", str(fp32), "--iterations", "1"]
+    assert bench.main([*args, "--runtimes", "onnxruntime,tflite"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --runtimes onnxruntime,tflite: choose from onnxruntime, openvino"
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as when it is not installed
+    monkeypatch.setattr(inference, "_made", {})
+    assert bench.main([*args, "--runtimes", "openvino"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 'quantize[openvino]'" in err
 
 
 def test_bench_finds_the_models_of_the_newest_run(fp32, tmp_path):
