@@ -8,7 +8,8 @@ DATA   ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy
+.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy \
+	bench-runtimes
 
 # Optional extras installed beside dev, comma-separated: EXTRAS=openvino (OpenVINO for eval.runtime and make bench).
 EXTRAS ?=
@@ -105,3 +106,13 @@ TAG   ?=
 bench-accuracy: install
 	$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json $(ARGS)
+
+## bench-runtimes MODEL=<zoo entry> DATA=<labelled images> [RUNTIMES=onnxruntime,openvino]: fp32 and int8 accuracy
+## in each runtime on the same images (top-1/top-5/agreement, agreement on 12 views per image, the paired difference
+## and its standard error, agreement with the literal QDQ computation); JSON in
+## benchmarks/results/<model>/runtimes.json. Runs the pipeline first (cached stages are reused).
+RUNTIMES ?= onnxruntime,openvino
+bench-runtimes: $(call venv_with,$(EXTRAS) $(filter openvino,$(subst $(comma),$(space),$(RUNTIMES))))
+	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS)
+	$(PY) -m quantize.bench.runtimes --model $(MODEL) --root $(DATA) --runtimes $(RUNTIMES) --threads $(THREADS) \
+		--out $(BENCH_DIR)/$(MODEL)/runtimes.json

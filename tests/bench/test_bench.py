@@ -138,3 +138,37 @@ def test_bench_eval_times_jpeg_and_cache_with_and_without_fp32(fp32, tmp_path):
     assert all(r["agreement_top1"] == 100.0 for r in runs.values())
     assert len({json.dumps(r["top1"], sort_keys=True) for r in runs.values()}) == 1
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_bench_runtimes_scores_each_runtime_on_images_and_views(fp32, tmp_path):
+    from quantize.bench import runtimes as bench_runtimes
+
+    root = write_tiny_imagenet(tmp_path / "images", per_class=2)
+    names = ["onnxruntime", "openvino"] if inference.available("openvino") else ["onnxruntime"]
+    out = tmp_path / "runtimes.json"
+    assert bench_runtimes.main(["--fp32", str(fp32), "--int8", str(fp32), "--root", str(root), "--threads", "1",
+                                "--runtimes", ",".join(names), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schema"] == bench_runtimes.SCHEMA and list(result["per_runtime"]) == names
+    assert result["images"] == 6 and result["views_per_image"] == 12
+    for r in result["per_runtime"].values():  # the same file on both sides: full agreement everywhere
+        assert r["agreement_top1"] == r["views_agreement_top1"] == 100.0
+        assert r["qdq_reference_agreement_top1"] == {"images": 100.0, "views": 100.0}
+        assert r["fp32"] == r["int8"] and 0 <= r["fp32"]["top1"] <= r["fp32"]["top5"] <= 100
+    for other, paired in result["paired"].items():
+        assert paired["views"]["difference"] == 0.0 and paired["int8_runtimes_agree"]["views"] == 100.0
+    assert "| onnxruntime |" in bench_runtimes.table(result)
+
+
+def test_views_start_with_the_standard_crop_of_the_photo():
+    from conftest import SHARED_IMAGENET
+    from quantize.bench.runtimes import views
+    from quantize.data.preprocess import load_rgb, preprocess
+
+    photos = sorted((SHARED_IMAGENET / "sample").rglob("*.JPEG"))[:1]
+    if not photos:
+        pytest.skip("../shared/data/imagenet is absent")
+    v = views(photos[0])
+    assert v.shape == (12, 3, 224, 224) and v.dtype == np.float32
+    np.testing.assert_array_equal(v[0], preprocess(load_rgb(photos[0])))
+    assert len({x.tobytes() for x in v}) == 12

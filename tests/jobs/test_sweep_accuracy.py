@@ -54,7 +54,8 @@ def test_summary_table_and_plot_from_a_sweep_folder(tmp_path):
 
 
 def test_one_int8_model_evaluated_in_two_runtimes_is_two_rows(tmp_path):
-    for i, runtime in enumerate([{"name": "onnxruntime", "version": "1.32.0"}, {"name": "openvino", "version": "2026.4.1"}]):
+    runtimes = [{"name": "onnxruntime", "version": "1.32.0"}, {"name": "openvino", "version": "2026.4.1"}]
+    for i, runtime in enumerate(runtimes):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "report.json").write_text(json.dumps({**report(sha="same"), "runtime": runtime}))
     assert len(collect(tmp_path)) == 2
