@@ -127,6 +127,10 @@ class _OpenVinoModel:
 class OpenVino(Runtime):
     name = "openvino"
     package = "openvino"
+    precision = "f32"  # INFERENCE_PRECISION_HINT: what the fp32 model's floating-point layers compute in
+
+    def key(self) -> dict[str, str]:
+        return {self.name: self.version, "openvino_precision": self.precision}
 
     def __init__(self) -> None:
         try:
@@ -143,7 +147,7 @@ class OpenVino(Runtime):
             raise ModelError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from exc
 
     def compile(self, model, threads: int, path: Path):
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
                   "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads

@@ -78,7 +78,7 @@ def test_without_openvino_asking_for_it_says_how_to_install_it(monkeypatch):
 @needs_openvino
 def test_openvino_computes_the_fp32_model_in_fp32(fp32, images):
     runtime = get_runtime("openvino")
-    assert runtime.name == "openvino" and runtime.key() == {"openvino": runtime.version}
+    assert runtime.name == "openvino" and runtime.key() == {"openvino": runtime.version, "openvino_precision": "f32"}
     expected = make_session(fp32).run(None, {"input": images})[0]
     model = runtime.load(fp32, threads=1, batch=8)
     # not bfloat16 (OpenVINO's default on CPUs that have it): the logits are ONNX Runtime's to float rounding
