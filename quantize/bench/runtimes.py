@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from quantize.bench.accuracy import views_of
-from quantize.bench.latency import add_model_arguments, chosen_models, emit, package_version
+from quantize.bench.latency import add_model_arguments, chosen_models, chosen_preprocess, emit, package_version
 from quantize.core.errors import QuantizeError
 from quantize.core.inference import RUNTIMES, get_runtime
 from quantize.core.runtime import cpu_name, make_session
@@ -48,7 +48,9 @@ def views(path: Path, p: Preprocess = Preprocess()) -> np.ndarray:
 
 
 def run(models: dict[str, Path], root: Path, runtimes: list[str], threads: int = 0, chunk: int = 4,
-        limit: int | None = None) -> dict[str, Any]:
+        limit: int | None = None, preprocess: Preprocess = Preprocess()) -> dict[str, Any]:
+    """Both models in every runtime on every view of the images under ``root``, fed through ``preprocess`` (the
+    model's own), as a JSON-able dict."""
     samples = list_samples(root)[:limit]
     if not samples:
         raise QuantizeError(f"no images under {root}")
@@ -61,7 +63,7 @@ def run(models: dict[str, Path], root: Path, runtimes: list[str], threads: int =
     top: dict[Any, list[np.ndarray]] = {key: [] for key in [*loaded, "qdq"]}
     labels = np.array([s.label for s in samples])
     for start in range(0, len(samples), chunk):
-        batch = np.concatenate([views(s.path) for s in samples[start:start + chunk]])
+        batch = np.concatenate([views(s.path, preprocess) for s in samples[start:start + chunk]])
         for key, model in loaded.items():
             top[key].append(top_classes(model.run(batch)))
         top["qdq"].append(top_classes(reference.run(None, {feed: batch})[0]))
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
         if not runtimes or any(r not in RUNTIMES for r in runtimes):
             raise QuantizeError(f"--runtimes {args.runtimes}: choose from {', '.join(RUNTIMES)}")
-        result = run(models, args.root, runtimes, threads=args.threads, limit=args.limit)
+        result = run(models, args.root, runtimes, threads=args.threads, limit=args.limit,
+                     preprocess=chosen_preprocess(args))
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
