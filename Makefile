@@ -8,24 +8,37 @@ DATA   ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy
+.PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy \
+	bench-runtimes
 
-$(VENV)/.installed: pyproject.toml
+# Optional extras installed beside dev, comma-separated: EXTRAS=openvino (OpenVINO for eval.runtime and make bench).
+EXTRAS ?=
+comma  := ,
+empty  :=
+space  := $(empty) $(empty)
+# The stamp of a virtualenv holding the dev extra plus the extras in $(1): $(VENV)/.installed+dev+openvino. Each set
+# of extras has its own stamp, so asking for one more extra installs it even when the virtualenv is up to date.
+venv_with = $(VENV)/.installed$(subst $(space),,$(foreach e,$(sort dev $(subst $(comma),$(space),$(1))),+$(e)))
+
+$(VENV)/.installed+%: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(subst +,$(comma),$*)]'
 	touch $@
 
-install: $(VENV)/.installed
+## install [EXTRAS=openvino]: the project virtualenv with the dev tools and the chosen extras
+install: $(call venv_with,$(EXTRAS))
 
 ## quantize MODEL=<zoo entry> DATA=<imagenet val dir> [ARGS='key=value ...']: export, calibrate, quantize, evaluate, report
 quantize: install
 	$(PY) -m quantize +model=$(MODEL) $(if $(DATA),data.root=$(DATA)) $(ARGS)
 
-## test: the test suite CI runs (slow end-to-end runs excluded; `make test-all` includes them)
-test: install
+## test: the test suite CI runs (slow end-to-end runs excluded; `make test-all` includes them). Installs the openvino
+## extra as well, so CI runs the OpenVINO tests; without OpenVINO (a plain `pip install -e '.[dev]'`) they skip.
+TEST_EXTRAS ?= openvino
+test: $(call venv_with,$(EXTRAS) $(TEST_EXTRAS))
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: install
+test-all: $(call venv_with,$(EXTRAS) $(TEST_EXTRAS))
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
@@ -47,18 +60,22 @@ MODELS ?=
 release: install
 	$(PY) -m quantize.jobs.release $(if $(MODELS),--models $(MODELS)) $(if $(DATA),data.root=$(DATA)) $(ARGS)
 
-## bench [MODEL=<zoo entry>] [DATA=<imagenet val>] [BATCH=32] [ITERATIONS=50] [THREADS=0]: fp32 vs int8 latency at
-## batch 1 (p50/p90/p99) and throughput at BATCH, timed in alternating blocks with one session alive at a time;
-## JSON in benchmarks/results/<model>/bench.json.
+## bench [MODEL=<zoo entry>] [DATA=<imagenet val>] [BATCH=32] [ITERATIONS=50] [THREADS=0] [RUNTIME=onnxruntime]:
+## fp32 vs int8 latency at batch 1 (p50/p90/p99) and throughput at BATCH, timed in alternating blocks with one
+## session alive at a time. RUNTIME=openvino times both models in OpenVINO, RUNTIME=onnxruntime,openvino in both, in
+## one process, as ratios to ONNX Runtime's fp32 (installs the openvino extra when named).
+## JSON in benchmarks/results/<model>/bench.json (bench_<runtimes>.json for other runtimes).
 ## With DATA the pipeline runs first (cached stages are reused); without, the newest run in outputs/<model>/ is used.
 BATCH      ?= 32
 ITERATIONS ?= 50
 THREADS    ?= 0
+RUNTIME    ?= onnxruntime
 BENCH_DIR  ?= benchmarks/results
-bench: install
+BENCH_OUT  ?= $(BENCH_DIR)/$(MODEL)/bench$(if $(filter-out onnxruntime,$(RUNTIME)),_$(subst $(comma),_,$(RUNTIME))).json
+bench: $(call venv_with,$(EXTRAS) $(filter openvino,$(subst $(comma),$(space),$(RUNTIME))))
 	$(if $(DATA),$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS) &&) \
 	$(PY) -m quantize.bench.latency --model $(MODEL) --batch $(BATCH) --iterations $(ITERATIONS) --threads $(THREADS) \
-		--out $(BENCH_DIR)/$(MODEL)/bench.json
+		--runtimes $(RUNTIME) --out $(BENCH_OUT)
 
 ## bench-calib MODEL=<zoo entry> DATA=<image folder> [SIZES=250,500,1000] [RSS_CAP_GB=12]: peak RSS and time of this
 ## project's calibration (minmax, percentile) against ONNX Runtime's stock quantize_static (percentile), each run in
@@ -89,3 +106,13 @@ TAG   ?=
 bench-accuracy: install
 	$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json $(ARGS)
+
+## bench-runtimes MODEL=<zoo entry> DATA=<labelled images> [RUNTIMES=onnxruntime,openvino]: fp32 and int8 accuracy
+## in each runtime on the same images (top-1/top-5/agreement, agreement on 12 views per image, the paired difference
+## and its standard error, agreement with the literal QDQ computation); JSON in
+## benchmarks/results/<model>/runtimes.json. Runs the pipeline first (cached stages are reused).
+RUNTIMES ?= onnxruntime,openvino
+bench-runtimes: $(call venv_with,$(EXTRAS) $(filter openvino,$(subst $(comma),$(space),$(RUNTIMES))))
+	$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS)
+	$(PY) -m quantize.bench.runtimes --model $(MODEL) --root $(DATA) --runtimes $(RUNTIMES) --threads $(THREADS) \
+		--out $(BENCH_DIR)/$(MODEL)/runtimes.json

@@ -28,6 +28,11 @@ class Choice(str, Enum):
         return self.value
 
 
+class Runtime(Choice):
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"   # the optional extra: pip install 'quantize[openvino]'
+
+
 class CalibMethod(Choice):
     percentile = "percentile"
     minmax = "minmax"
@@ -181,6 +186,7 @@ class EvalConfig:
     limit: Optional[int] = None    # deterministic class-balanced subset of this many images
     seed: int = 0
     batch_size: int = 32
+    runtime: Runtime = Runtime.onnxruntime  # the runtime fp32 and int8 are evaluated in (quantize.core.inference)
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Inference benchmark of an fp32 and an int8 model (the vendor ``vamp`` equivalent).
+"""Inference benchmark of an fp32 and an int8 model (the vendor ``vamp`` equivalent), in one or more runtimes.
 
     python -m quantize.bench.latency --fp32 A.onnx --int8 B.onnx [--batch 32] [--iterations 50] [--threads 2] [--out b.json]
     python -m quantize.bench.latency --model shufflenet_v2_x1_0      # the models of the newest run in outputs/<model>/
+    python -m quantize.bench.latency --model shufflenet_v2_x1_0 --runtimes onnxruntime,openvino
 
 Two measurements, each timed by ``quantize.stages.speed.time_blocks``: per model, alternating blocks of runs (fp32, int8,
 fp32, int8, ...) so that a change of load on a shared machine slows both alike, with only the timed model's session
@@ -12,6 +13,11 @@ alive (ONNX Runtime's idle threads of another session would spin on the cores an
 
 The speedup of each is the ratio of the medians: fp32 time / int8 time (>1: int8 is faster).
 Sessions are made as the evaluate stage makes them (all graph optimizations, ``--threads`` intra-op threads).
+
+``--runtimes`` (``quantize.core.inference``) times the same two files in each runtime named, all in one process
+and in the same alternation, so every figure is a ratio to ONNX Runtime's fp32 time (always timed, the reference):
+ONNX Runtime's models keep their names (``fp32``, ``int8``), another runtime's are ``openvino fp32`` and
+``openvino int8``. The 1-minute load average before and after is recorded beside the figures.
 The result is written as JSON (``--out``) and printed as a table.
 """
 
@@ -31,6 +37,7 @@ import numpy as np
 
 from quantize.core.artifacts import write_text
 from quantize.core.errors import QuantizeError
+from quantize.core.inference import DEFAULT, RUNTIMES, get_runtime
 from quantize.core.runtime import cpu_name
 from quantize.data.preprocess import Preprocess
 from quantize.stages.speed import time_blocks
@@ -47,23 +54,50 @@ def _speedup(times: dict[str, list[float]], reference: str) -> dict[str, float]:
             for name, own in times.items() if name != reference}
 
 
+def in_runtimes(models: dict[str, Path], runtimes: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The models to time and the runtime of each: ONNX Runtime's fp32 always (the reference) and its other models
+    when ``runtimes`` names it; the fp32 and int8 models in every other runtime named, as ``<runtime> fp32`` and
+    ``<runtime> int8``. A runtime that is unknown or not installed is a ConfigError (one line)."""
+    unknown = [name for name in runtimes if name not in RUNTIMES]
+    if unknown or not runtimes:
+        raise QuantizeError(f"--runtimes {','.join(runtimes)}: choose from {', '.join(RUNTIMES)}")
+    for name in runtimes:
+        get_runtime(name)  # fails now, with the install command, rather than after the first runtime's timings
+    timed = {name: path for name, path in models.items() if name == "fp32" or DEFAULT in runtimes}
+    runtime_of = dict.fromkeys(timed, DEFAULT)
+    for runtime in (r for r in dict.fromkeys(runtimes) if r != DEFAULT):
+        for name in ("fp32", "int8"):
+            timed[f"{runtime} {name}"] = models[name]
+            runtime_of[f"{runtime} {name}"] = runtime
+    return timed, runtime_of
+
+
 def run(models: dict[str, Path], batch: int = 32, iterations: int = 50, threads: int = 0, warmup: int = 3,
-        image_size: int = 224, reference: str = "fp32", seed: int = 0, blocks: int = 4) -> dict[str, Any]:
-    """Latency percentiles at batch 1 and throughput at ``batch`` for each model, as a JSON-able dict."""
+        image_size: int = 224, reference: str = "fp32", seed: int = 0, blocks: int = 4,
+        runtimes: dict[str, str] | None = None) -> dict[str, Any]:
+    """Latency percentiles at batch 1 and throughput at ``batch`` for each model, as a JSON-able dict. ``runtimes``
+    maps a model's name to the runtime it runs in (``in_runtimes``; default ONNX Runtime)."""
     if iterations < 1 or batch < 1:
         raise QuantizeError("--iterations and --batch must be at least 1")
+    runtime_of = {name: (runtimes or {}).get(name, DEFAULT) for name in models}
+    load_before = os.getloadavg()
     rng = np.random.default_rng(seed)
     single = rng.normal(size=(1, 3, image_size, image_size)).astype(np.float32)
-    latency = time_blocks(models, single, iterations, threads=threads, warmup=warmup, blocks=blocks)
+    latency = time_blocks(models, single, iterations, threads=threads, warmup=warmup, blocks=blocks,
+                          runtimes=runtime_of)
     batched = rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
     rounds = max(5, min(iterations, 20)) if batch > 1 else iterations
-    throughput = time_blocks(models, batched, rounds, threads=threads, warmup=max(1, warmup // 2), blocks=blocks)
+    throughput = time_blocks(models, batched, rounds, threads=threads, warmup=max(1, warmup // 2), blocks=blocks,
+                             runtimes=runtime_of)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "onnxruntime": package_version("onnxruntime")},
+        "runtimes": {name: get_runtime(name).version for name in dict.fromkeys(runtime_of.values())},
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "threads": threads, "reference": reference, "blocks": blocks,
-        "models": {name: {"path": str(path), "bytes": Path(path).stat().st_size} for name, path in models.items()},
+        "models": {name: {"path": str(path), "bytes": Path(path).stat().st_size, "runtime": runtime_of[name]}
+                   for name, path in models.items()},
         "latency": {"batch": 1, "iterations": iterations, "models": {}},
         "throughput": {"batch": batch, "iterations": rounds, "models": {}},
     }
@@ -94,8 +128,12 @@ def table(result: dict[str, Any]) -> str:
     """The result as a Markdown table."""
     lat, thr = result["latency"], result["throughput"]
     ref = result["reference"]
-    lines = [f"{result['machine']['cpu']}, {result['machine']['cores']} cores, onnxruntime "
-             f"{result['machine']['onnxruntime']}, {result['threads'] or 'all'} threads",
+    runtimes = result.get("runtimes") or {"onnxruntime": result["machine"]["onnxruntime"]}
+    load = result.get("load_average_1min")
+    lines = [f"{result['machine']['cpu']}, {result['machine']['cores']} cores, "
+             + ", ".join(f"{name} {version}" for name, version in runtimes.items())
+             + f", {result['threads'] or 'all'} threads"
+             + (f"; load average {load['before']:.2f} before, {load['after']:.2f} after" if load else ""),
              "",
              f"| model | b1 p50 ms | b1 p90 ms | b1 p99 ms | b{thr['batch']} images/s | speedup b1 | speedup b{thr['batch']} |",
              "|---|---|---|---|---|---|---|"]
@@ -198,10 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-rewritten-fp32", action="store_true",
                         help="also time the fp32 model after graph_opt's exact rewrites (how much of the int8 "
                              "speedup the rewrites alone give)")
+    parser.add_argument("--runtimes", default=DEFAULT,
+                        help=f"comma-separated runtimes to time both models in ({', '.join(RUNTIMES)}); ONNX "
+                             f"Runtime's fp32 is always timed, as the reference")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args(argv)
     try:
         models = chosen_models(args, parser)
+        runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
+        in_runtimes(models, runtimes)  # refuse a runtime that is missing before anything is timed
         with tempfile.TemporaryDirectory(prefix="bench.") as scratch:
             if args.with_rewritten_fp32:
                 import onnx
@@ -210,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                 rewritten = Path(scratch) / "fp32.rewritten.onnx"
                 onnx.save(optimize(onnx.load(str(models["fp32"])))[0], str(rewritten))
                 models["fp32_rewritten"] = rewritten
-            result = run(models, batch=args.batch, iterations=args.iterations, threads=args.threads,
-                         warmup=args.warmup, blocks=args.blocks, image_size=chosen_preprocess(args).crop)
+            timed, runtime_of = in_runtimes(models, runtimes)
+            result = run(timed, batch=args.batch, iterations=args.iterations, threads=args.threads,
+                         warmup=args.warmup, blocks=args.blocks, image_size=chosen_preprocess(args).crop,
+                         runtimes=runtime_of)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

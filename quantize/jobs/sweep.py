@@ -22,7 +22,7 @@ from quantize.pipeline.plots import drop_vs_speed
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["model", "calib", "quant", "methods", "fp32 top-1", "fp32 top-5", "int8 top-1", "int8 top-5", "drop",
+COLUMNS = ["model", "calib", "quant", "methods", "runtime", "fp32 top-1", "fp32 top-5", "int8 top-1", "int8 top-5", "drop",
            "±1 image", "drop SE ≤", "agreement", "fp32 nodes", "speedup", "images", "calib s", "calib MiB"]
 # The plot marks this region: what the canary must reach (README): speedup >= 1.8x with a drop <= 0.3 points.
 GOAL = (1.8, 0.3)
@@ -32,12 +32,12 @@ _SHORT = {"uint8": "U8", "int8": "S8"}
 
 def collect(root: Path) -> list[dict[str, Any]]:
     """Every report under ``root``; runs that produced the same int8 model on the same images count once (a grid
-    over calib.percentile repeats the minmax run, for example)."""
+    over calib.percentile repeats the minmax run, for example); the same model evaluated in two runtimes is two."""
     reports, seen = [], set()
     for path in sorted(Path(root).rglob("report.json")):
         report = json.loads(path.read_text())
         key = (report["model"], (report.get("onnx") or {}).get("int8_sha256"), report["eval"].get("num_images"),
-               report["eval"].get("root"), (report.get("methods") or {}).get("label"))
+               report["eval"].get("root"), (report.get("methods") or {}).get("label"), runtime(report))
         if key[1] is not None and key in seen:
             continue
         seen.add(key)
@@ -55,12 +55,19 @@ def row(report: dict[str, Any]) -> list[str]:
     fp32_nodes = str(len(budget["fp32_nodes"])) if budget else "0"
     speedup = _speedup(report)
     images = report["eval"]["num_images"]
-    return [report["model"], method, scheme, methods, f"{report['fp32']['top1']:.2f}", f"{report['fp32']['top5']:.2f}",
+    return [report["model"], method, scheme, methods, runtime(report), f"{report['fp32']['top1']:.2f}", f"{report['fp32']['top5']:.2f}",
             f"{report['int8']['top1']:.2f}", f"{report['int8']['top5']:.2f}", f"{report['drop_top1']:.2f}",
             f"{100.0 / images:.2f}" if images else "—", _drop_se(images, report["agreement_top1"]),
             f"{report['agreement_top1']:.2f}", fp32_nodes,
             f"{speedup:.2f}" if speedup is not None else "—", str(images), f"{calib['seconds']:.1f}",
             f"{calib['peak_rss_mb']:.0f}"]
+
+
+def runtime(report: dict[str, Any]) -> str:
+    """``openvino 2026.4.1``: the runtime the run evaluated in (reports without one: ONNX Runtime's)."""
+    named = report.get("runtime") or {}
+    return " ".join(filter(None, [named.get("name", "onnxruntime"),
+                                  named.get("version") or (report.get("versions") or {}).get("onnxruntime")]))
 
 
 def _drop_se(images: int, agreement: float) -> str:

@@ -37,6 +37,8 @@ def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict
         "int8": ev["int8"],
         "drop_top1": ev["fp32"]["top1"] - ev["int8"]["top1"],
         "agreement_top1": ev["agreement_top1"],
+        # the runtime fp32 and int8 ran in (records from before the choice existed were ONNX Runtime's)
+        "runtime": ev.get("runtime") or {"name": "onnxruntime", "version": versions.get("onnxruntime")},
         "eval": {"num_images": ev["num_images"], "root": ev["root"], "seconds": ev["seconds"],
                  "limit": ev.get("limit"), "skipped": ev.get("skipped"),
                  "images_per_second": ev["images_per_second"],
@@ -173,6 +175,7 @@ def _skipped_note(report: dict[str, Any]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     fp32, int8, ref = report["fp32"], report["int8"], report["reference"]
     calib = report["calib"]
+    runtime = " ".join(str(v) for v in (report.get("runtime") or {"name": "onnxruntime"}).values())
     lines = [
         f"# {report['model']}: fp32 vs int8",
         "",
@@ -185,11 +188,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| | top-1 | top-5 |",
         "|---|---|---|",
         f"| reference fp32 ({ref['source'] or 'unknown'}) | {_fmt(ref['top1'], 3)} | {_fmt(ref['top5'], 3)} |",
-        f"| fp32 (ours) | {_fmt(fp32['top1'])} | {_fmt(fp32['top5'])} |",
-        f"| int8 (ours) | {_fmt(int8['top1'])} | {_fmt(int8['top5'])} |",
+        f"| fp32 (ours, {runtime}) | {_fmt(fp32['top1'])} | {_fmt(fp32['top5'])} |",
+        f"| int8 (ours, {runtime}) | {_fmt(int8['top1'])} | {_fmt(int8['top5'])} |",
         "",
         f"- top-1 drop: {_fmt(report['drop_top1'])} points; int8 agrees with fp32 on "
         f"{_fmt(report['agreement_top1'])}% of images",
+        f"- runtime: both models evaluated in {runtime} (`eval.runtime`)",
         f"- fp32 model: opset {report['onnx']['fp32_opset']}, "
         + ("imported ONNX (no export)" if report["export"]["max_abs_diff"] is None else
            f"ORT vs PyTorch max abs logit diff {report['export']['max_abs_diff']:.2e}"),

@@ -33,6 +33,7 @@ from quantize.data.samples import (Sample, SampleList, balanced_subset, iter_bat
                                    samples_digest)
 from quantize.pipeline.checks import check_config
 from quantize.core.errors import ConfigError
+from quantize.core.inference import DEFAULT as DEFAULT_RUNTIME, get_runtime
 from quantize.stages.evaluate import FULL_VAL, evaluate
 from quantize.stages.export import Exported, export_onnx, import_onnx
 from quantize.graph.optimize import VERSION as GRAPH_OPT_VERSION, optimize as optimize_graph
@@ -43,7 +44,8 @@ from quantize.stages.static_quant import quantize_model
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ["quantize", "torch", "torchvision", "onnx", "onnxruntime", "numpy", "hydra-core", "omegaconf", "pillow"]
+PACKAGES = ["quantize", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "numpy", "hydra-core", "omegaconf",
+            "pillow"]
 
 
 def package_versions() -> dict[str, str]:
@@ -160,6 +162,8 @@ class Pipeline:
         # digests of the images' bytes, remembered across runs: stage keys cover what the images hold, not their names
         self.digests = DigestStore(Path(cfg.work_dir) / "image-digests.json")
         self.accuracy = AccuracyStages(self)
+        # Asking for a runtime that is not installed fails now, with the install command, not after the export.
+        self.runtime = get_runtime(cfg.eval.runtime)
 
     def get(self, stage: str) -> dict[str, Any]:
         """The record of ``stage`` in this run, running (or reusing) the stage first if needed."""
@@ -396,11 +400,15 @@ class Pipeline:
         e = self.cfg.eval
         samples, root = self.accuracy.eval_samples()  # without the budget's tuning images
         images = self.images_key(samples, root)
+        runtime = self.runtime
         inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
-                  "images": images, "limit": e.limit, "seed": e.seed, "preprocess": self.preprocess.key()}
+                  "images": images, "limit": e.limit, "seed": e.seed, "preprocess": self.preprocess.key(),
+                  # another runtime's figures are other figures; ONNX Runtime's keys predate the choice
+                  **({} if runtime.name == DEFAULT_RUNTIME else {"runtime": runtime.key()})}
+        # The fp32 predictions are kept per runtime and version ({"onnxruntime": "1.32.0"}, {"openvino": ...}).
         reference = self.model_dir / "fp32-predictions-{}".format(key_of({
             "fp32_sha256": exported["sha256"], "images": images, "preprocess": self.preprocess.key(),
-            "onnxruntime": metadata.version("onnxruntime")}))
+            **runtime.key()}))
 
         def work(stage_dir: Path) -> dict[str, Any]:
             known = None if "evaluate" in self.force else _load_predictions(reference, len(samples))
@@ -410,10 +418,11 @@ class Pipeline:
             else:
                 log.info("evaluate: fp32 predictions on these images reused from %s; running int8 only", reference)
             result = evaluate(models, self.batches(samples, root, e.batch_size, desc="evaluate"),
-                              threads=self.cfg.threads, known={"fp32": known} if known is not None else None)
+                              threads=self.cfg.threads, known={"fp32": known} if known is not None else None,
+                              runtime=runtime.name)
             if known is None:
                 _save_predictions(reference, result.predictions["fp32"], exported["sha256"])
-            return {"num_images": result.num_images, "root": str(root),
+            return {"num_images": result.num_images, "root": str(root), "runtime": result.runtime,
                     "fp32": {"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
                     "int8": {"top1": result.top1["int8"], "top5": result.top5["int8"]},
                     "agreement_top1": result.agreement_top1, "seconds": result.seconds,

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
-from quantize.core.runtime import input_name, make_session
+from quantize.core.inference import DEFAULT, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Evaluation:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_images_per_second: dict[str, float] = field(default_factory=dict)
     threads: dict[str, int] = field(default_factory=dict)
+    runtime: dict[str, str] = field(default_factory=dict)  # name and version of the runtime the models ran in
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -74,14 +75,16 @@ def _cores() -> int:
 
 
 def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.ndarray]], threads: int = 0,
-             workers: int | None = None, known: dict[str, np.ndarray] | None = None) -> Evaluation:
+             workers: int | None = None, known: dict[str, np.ndarray] | None = None,
+             runtime: str = DEFAULT) -> Evaluation:
     """Top-1/top-5 of each model and their top-1 agreement over ``batches`` of (float32 NCHW images, labels).
 
     ``threads`` is the core budget (0: every core). ``workers`` threads (default: one per core of the budget) each
     hold a one-thread session of every model and take (batch, model) tasks in turn, so the cores stay busy
     whichever model is slower; ``workers=1`` runs every model in one session with the whole budget.
     ``known`` maps more model names to their ``top_classes`` over exactly these images, in order (an earlier
-    result's ``predictions``): they are scored and compared without being run."""
+    result's ``predictions``): they are scored and compared without being run. ``runtime`` names the inference
+    runtime the models run in (``quantize.core.inference``)."""
     known = {name: np.asarray(top) for name, top in (known or {}).items()}
     if set(known) & set(models):
         raise ValueError(f"models {sorted(set(known) & set(models))} are both given and known")
@@ -89,9 +92,14 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
     names = [*known, *models]
     workers = max(1, min(workers or budget, budget))
     per_session = max(1, budget // workers)
-    sessions = [{name: make_session(path, threads=per_session, memory_pattern=False) for name, path in models.items()}
+    engine = get_runtime(runtime)
+    iterator = iter(batches)
+    t0 = time.perf_counter()
+    first = next(iterator, None)  # its size lets a runtime that compiles per shape (OpenVINO) do so before timing
+    first_wait = time.perf_counter() - t0
+    size = len(first[0]) if first is not None else None
+    sessions = [{name: engine.load(path, threads=per_session, lean=True, batch=size) for name, path in models.items()}
                 for _ in range(workers)]
-    feed = {name: input_name(session) for name, session in sessions[0].items()}
     lock = threading.Lock()
     run_seconds = {name: 0.0 for name in models}
     hits1 = {name: 0 for name in names}
@@ -99,7 +107,7 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
     predicted: dict[str, list[np.ndarray]] = {name: [] for name in names}
     agree = 0
     count = 0
-    input_seconds = 0.0
+    input_seconds = first_wait
     tasks: queue.Queue = queue.Queue()
     results: queue.Queue = queue.Queue()
     failure: list[BaseException] = []
@@ -114,7 +122,7 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
                 if failure:
                     raise RuntimeError("stopped")
                 t0 = time.perf_counter()
-                logits = own[name].run(None, {feed[name]: images})[0]
+                logits = own[name].run(images)
                 elapsed = time.perf_counter() - t0
                 with lock:
                     run_seconds[name] += elapsed
@@ -166,12 +174,11 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
             if len(pending[index]) == len(names):
                 complete(index, pending.pop(index))
 
-    started = time.perf_counter()
+    started = time.perf_counter() - first_wait
     try:
-        iterator = iter(batches)
         while not failure:
             t0 = time.perf_counter()
-            item = next(iterator, None)
+            item, first = (first, None) if first is not None else (next(iterator, None), None)
             input_seconds += time.perf_counter() - t0
             if item is None:
                 break
@@ -221,9 +228,10 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
                         percent(agree), seconds, count / seconds if seconds else float("inf"), dict(hits1),
                         predictions={n: np.concatenate(p) for n, p in predicted.items()},
                         stage_seconds=stage_seconds, stage_images_per_second=rates,
-                        threads={"workers": workers, "per_session": per_session})
-    log.info("evaluated %s on %d images in %.1f s (%.1f images/s; alone: %s; %d workers x %d thread): %s",
-             ", ".join(f"{n} (known)" if n in known else n for n in names), count, seconds,
+                        threads={"workers": workers, "per_session": per_session},
+                        runtime={"name": engine.name, "version": engine.version})
+    log.info("evaluated %s in %s %s on %d images in %.1f s (%.1f images/s; alone: %s; %d workers x %d thread): %s",
+             ", ".join(f"{n} (known)" if n in known else n for n in names), engine.name, engine.version, count, seconds,
              result.images_per_second, ", ".join(f"{stage} {rate:.0f} img/s" for stage, rate in rates.items()),
              workers, per_session,
              "; ".join(f"{n} top-1 {result.top1[n]:.2f} top-5 {result.top5[n]:.2f}" for n in names))

@@ -1,4 +1,5 @@
-"""How much faster the int8 model runs than the fp32 one: a small ONNX Runtime timing helper.
+"""How much faster the int8 model runs than the fp32 one: a small timing helper (ONNX Runtime, or any runtime of
+``quantize.core.inference``).
 
 Each model is timed in blocks of runs on one fixed random batch, one session alive at a time, and the blocks
 alternate (fp32, int8, fp32, int8, ...) so a change of machine load during the measurement hits both. Only one
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantize.core.runtime import cpu_name, input_name, make_session
+from quantize.core.inference import DEFAULT, get_runtime
+from quantize.core.runtime import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +45,25 @@ class Latency:
 
 
 def time_blocks(models: dict[str, Path], batch: np.ndarray, runs: int, threads: int = 0, warmup: int = 5,
-                blocks: int = 4) -> dict[str, list[float]]:
+                blocks: int = 4, runtimes: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Seconds of each of ``runs`` runs of every model on ``batch``: ``blocks`` alternating blocks, each with a
-    fresh session (warmed up by ``warmup`` runs) that is the only one alive while it is timed."""
+    freshly loaded model (warmed up by ``warmup`` runs) that is the only one alive while it is timed. ``runtimes``
+    maps a model's name to the runtime it runs in (default: ONNX Runtime), so one call alternates runtimes too."""
     if runs < 1 or blocks < 1:
         raise ValueError("runs and blocks must be >= 1")
+    engines = {name: get_runtime((runtimes or {}).get(name, DEFAULT)) for name in models}
     blocks = min(blocks, runs)
     times: dict[str, list[float]] = {name: [] for name in models}
     for count in [runs // blocks + (1 if b < runs % blocks else 0) for b in range(blocks)]:
         for name, path in models.items():
-            session = make_session(path, threads=threads)
-            feed = {input_name(session): batch}
+            model = engines[name].load(path, threads=threads, batch=len(batch))  # OpenVINO compiles for it here
             for _ in range(warmup):
-                session.run(None, feed)
+                model.run(batch)
             for _ in range(count):
                 started = time.perf_counter()
-                session.run(None, feed)
+                model.run(batch)
                 times[name].append(time.perf_counter() - started)
-            del session
+            del model
     return times
 
 

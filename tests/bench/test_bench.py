@@ -1,6 +1,7 @@
 """make bench / make bench-calib: the JSON they write and the memory cap of the stock path (tiny inputs, no timings)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import write_tiny_imagenet
 from quantize.bench import latency as bench
 from quantize.bench import calibration as bench_calib
 from quantize.bench import evaluation as bench_eval
+from quantize.core import inference
 from quantize.stages.export import export_onnx
 
 
@@ -45,6 +47,39 @@ def test_bench_json_has_latency_percentiles_and_throughput(fp32, tmp_path):
     assert result["latency"]["batch"] == 1 and result["throughput"]["batch"] == 2
     assert set(result["latency"]["speedup_p50"]) == set(result["throughput"]["speedup"]) == {"int8"}
     assert "| int8 |" in bench.table(result)
+    assert result["runtimes"] == {"onnxruntime": result["machine"]["onnxruntime"]}
+    assert {m["runtime"] for m in result["models"].values()} == {"onnxruntime"}
+    assert set(result["load_average_1min"]) == {"before", "after"} and "load average" in bench.table(result)
+
+
+@pytest.mark.skipif(not inference.available("openvino"), reason="OpenVINO is not installed")
+def test_bench_times_both_runtimes_in_one_process_against_onnxruntime_fp32(fp32, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--fp32", str(fp32), "--int8", str(fp32), "--batch", "2", "--iterations", "2",
+                       "--warmup", "1", "--blocks", "2", "--threads", "1", "--runtimes", "onnxruntime,openvino",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = ["fp32", "int8", "openvino fp32", "openvino int8"]
+    assert list(result["models"]) == list(result["latency"]["models"]) == names
+    assert [result["models"][n]["runtime"] for n in names] == ["onnxruntime"] * 2 + ["openvino"] * 2
+    assert set(result["runtimes"]) == {"onnxruntime", "openvino"} and result["reference"] == "fp32"
+    assert set(result["latency"]["speedup_p50"]) == set(result["throughput"]["speedup"]) == set(names[1:])
+    table = bench.table(result)
+    assert f"openvino {result['runtimes']['openvino']}" in table and "| openvino int8 |" in table
+    # openvino alone: ONNX Runtime's fp32 is still timed, as the reference of the ratios
+    models, runtime_of = bench.in_runtimes({"fp32": fp32, "int8": fp32}, ["openvino"])
+    assert runtime_of == {"fp32": "onnxruntime", "openvino fp32": "openvino", "openvino int8": "openvino"}
+
+
+def test_bench_without_openvino_or_with_an_unknown_runtime_is_one_line(fp32, monkeypatch, capsys):
+    args = ["--fp32", str(fp32), "--int8", str(fp32), "--iterations", "1"]
+    assert bench.main([*args, "--runtimes", "onnxruntime,tflite"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --runtimes onnxruntime,tflite: choose from onnxruntime, openvino"
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as when it is not installed
+    monkeypatch.setattr(inference, "_made", {})
+    assert bench.main([*args, "--runtimes", "openvino"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 'quantize[openvino]'" in err
 
 
 def test_bench_finds_the_models_of_the_newest_run(fp32, tmp_path):
@@ -103,3 +138,37 @@ def test_bench_eval_times_jpeg_and_cache_with_and_without_fp32(fp32, tmp_path):
     assert all(r["agreement_top1"] == 100.0 for r in runs.values())
     assert len({json.dumps(r["top1"], sort_keys=True) for r in runs.values()}) == 1
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_bench_runtimes_scores_each_runtime_on_images_and_views(fp32, tmp_path):
+    from quantize.bench import runtimes as bench_runtimes
+
+    root = write_tiny_imagenet(tmp_path / "images", per_class=2)
+    names = ["onnxruntime", "openvino"] if inference.available("openvino") else ["onnxruntime"]
+    out = tmp_path / "runtimes.json"
+    assert bench_runtimes.main(["--fp32", str(fp32), "--int8", str(fp32), "--root", str(root), "--threads", "1",
+                                "--runtimes", ",".join(names), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schema"] == bench_runtimes.SCHEMA and list(result["per_runtime"]) == names
+    assert result["images"] == 6 and result["views_per_image"] == 12
+    for r in result["per_runtime"].values():  # the same file on both sides: full agreement everywhere
+        assert r["agreement_top1"] == r["views_agreement_top1"] == 100.0
+        assert r["qdq_reference_agreement_top1"] == {"images": 100.0, "views": 100.0}
+        assert r["fp32"] == r["int8"] and 0 <= r["fp32"]["top1"] <= r["fp32"]["top5"] <= 100
+    for other, paired in result["paired"].items():
+        assert paired["views"]["difference"] == 0.0 and paired["int8_runtimes_agree"]["views"] == 100.0
+    assert "| onnxruntime |" in bench_runtimes.table(result)
+
+
+def test_views_start_with_the_standard_crop_of_the_photo():
+    from conftest import SHARED_IMAGENET
+    from quantize.bench.runtimes import views
+    from quantize.data.preprocess import load_rgb, preprocess
+
+    photos = sorted((SHARED_IMAGENET / "sample").rglob("*.JPEG"))[:1]
+    if not photos:
+        pytest.skip("../shared/data/imagenet is absent")
+    v = views(photos[0])
+    assert v.shape == (12, 3, 224, 224) and v.dtype == np.float32
+    np.testing.assert_array_equal(v[0], preprocess(load_rgb(photos[0])))
+    assert len({x.tobytes() for x in v}) == 12

@@ -53,6 +53,19 @@ def test_summary_table_and_plot_from_a_sweep_folder(tmp_path):
     assert sorted(r["speedup"] for r in rows) == ["2.00", "2.10", "2.20"]
 
 
+def test_one_int8_model_evaluated_in_two_runtimes_is_two_rows(tmp_path):
+    runtimes = [{"name": "onnxruntime", "version": "1.32.0"}, {"name": "openvino", "version": "2026.4.1"}]
+    for i, runtime in enumerate(runtimes):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "report.json").write_text(json.dumps({**report(sha="same"), "runtime": runtime}))
+    assert len(collect(tmp_path)) == 2
+    rows = json.loads(write_summary(tmp_path).with_suffix(".json").read_text())
+    assert sorted(r["runtime"] for r in rows) == ["onnxruntime 1.32.0", "openvino 2026.4.1"]
+    old = report()  # written before eval.runtime existed: ONNX Runtime, at the version the report lists
+    old["versions"] = {"onnxruntime": "1.31.0"}
+    assert dict(zip(COLUMNS, row(old)))["runtime"] == "onnxruntime 1.31.0"
+
+
 def test_no_plot_without_speed(tmp_path):
     (tmp_path / "0").mkdir()
     (tmp_path / "0" / "report.json").write_text(json.dumps(copy.deepcopy(report())))

@@ -14,6 +14,7 @@ import pytest
 from quantize.data.crop_cache import build_cache
 from quantize.data.samples import list_samples
 from quantize.core.errors import ConfigError, DataError, ModelError
+from quantize.core.inference import available
 from quantize.pipeline import runner
 from quantize.pipeline.runner import Pipeline
 from quantize.data.preprocess import Preprocess
@@ -23,7 +24,7 @@ from conftest import REPO, SHARED_IMAGENET, compose_config, needs_shared_imagene
 REQUIRED = ["model", "calib.method", "calib.num_images", "calib.seconds", "calib.peak_rss_mb", "fp32.top1",
             "fp32.top5", "int8.top1", "int8.top5", "agreement_top1", "eval.num_images", "reference.top1",
             "reference.top5", "export.max_abs_diff", "onnx.fp32_path", "onnx.int8_path", "onnx.int8_opset",
-            "config", "versions"]
+            "runtime.name", "runtime.version", "config", "versions"]
 
 
 def dotted(report, key):
@@ -46,7 +47,7 @@ def test_tiny_run_reports_every_field_then_reuses_its_artifacts(tmp_path, flat):
     report = Pipeline(cfg, tmp_path / "run1").run()
 
     on_disk = json.loads((tmp_path / "run1" / "report.json").read_text())
-    assert "| int8 (ours) |" in (tmp_path / "run1" / "report.md").read_text()
+    assert "| int8 (ours, onnxruntime " in (tmp_path / "run1" / "report.md").read_text()
     for key in REQUIRED:
         dotted(on_disk, key)  # raises KeyError when a field is missing
     assert on_disk["model"] == "shufflenet_v2_x0_5"
@@ -61,6 +62,7 @@ def test_tiny_run_reports_every_field_then_reuses_its_artifacts(tmp_path, flat):
     assert on_disk["onnx"]["int8_opset"] == 13 and on_disk["onnx"]["fp32_opset"] == 11
     assert Path(on_disk["onnx"]["int8_path"]).is_file()
     assert on_disk["versions"]["onnxruntime"]
+    assert on_disk["runtime"] == {"name": "onnxruntime", "version": on_disk["versions"]["onnxruntime"]}
     assert not any(s["cached"] for s in report["stages"].values())
 
     again = Pipeline(cfg, tmp_path / "run2").run()
@@ -111,6 +113,26 @@ def test_fp32_predictions_are_reused_only_for_the_same_model_and_images(tmp_path
     forced = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib.percentile=99.8",
                                                     "stages=[evaluate,report]")), tmp_path / "r5").run()
     assert not forced["eval"]["fp32_reused"] and forced["fp32"] == first["fp32"]
+
+
+@pytest.mark.skipif(not available("openvino"), reason="OpenVINO is not installed (pip install 'quantize[openvino]')")
+def test_evaluation_in_openvino_keeps_its_own_fp32_predictions(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "val")
+    ort = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a")), tmp_path / "r1").run()
+    ov = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "eval.runtime=openvino")), tmp_path / "r2").run()
+    # the same int8 model, evaluated again in the other runtime: fp32 runs there too, not taken from ONNX Runtime
+    assert {n: s["cached"] for n, s in ov["stages"].items()} == {
+        "export": True, "optimize": True, "calibrate": True, "quantize": True, "evaluate": False}
+    assert ov["runtime"]["name"] == "openvino" and ov["runtime"]["version"] == ov["versions"]["openvino"]
+    assert not ov["eval"]["fp32_reused"] and ov["onnx"]["int8_sha256"] == ort["onnx"]["int8_sha256"]
+    assert f"| int8 (ours, openvino {ov['runtime']['version']}) |" in (tmp_path / "r2" / "report.md").read_text()
+    assert len(list((tmp_path / "a" / "shufflenet_v2_x0_5").glob("fp32-predictions-*"))) == 2
+    # a later int8 variant reuses the fp32 predictions of the runtime it is evaluated in
+    for runtime, first in (("openvino", ov), ("onnxruntime", ort)):
+        later = Pipeline(compose_config(tiny_overrides(data, tmp_path / "a", "calib.percentile=99.9",
+                                                       f"eval.runtime={runtime}")), tmp_path / f"r-{runtime}").run()
+        assert later["eval"]["fp32_reused"] and later["fp32"] == first["fp32"]
+        assert later["runtime"]["name"] == runtime
 
 
 def test_a_stage_left_out_without_a_cache_is_a_clear_error(tmp_path):
@@ -223,6 +245,22 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, code, me
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_asking_for_openvino_without_it_says_how_to_install_it(tmp_path):
+    blocked = tmp_path / "site" / "openvino"  # an `openvino` that fails to import, as on a machine without it
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('No module named openvino')\n")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocked.parent), str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-m", "quantize", "+model=shufflenet_v2_x0_5", "model.pretrained=false",
+                             f"data.root={tmp_path}", "eval.runtime=openvino", f"work_dir={tmp_path / 'w'}",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: OpenVINO is not installed") and "pip install 'quantize[openvino]'" in lines[0]
+    assert not (tmp_path / "w").exists()  # refused before any stage ran
 
 
 @needs_shared_imagenet()
