@@ -18,6 +18,8 @@ import os
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -74,14 +76,68 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+class _Tally:
+    """Top-1/top-5 hits of each model and their top-1 agreement, batch by batch in image order."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.hits1 = {name: 0 for name in names}
+        self.hits5 = {name: 0 for name in names}
+        self.predicted: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        self.agree = 0
+        self.count = 0
+
+    def add(self, labels: np.ndarray, got: dict[str, np.ndarray]) -> None:
+        for name in self.names:
+            self.hits1[name] += int(hits(got[name], labels, 1).sum())
+            self.hits5[name] += int(hits(got[name], labels, 5).sum())
+            self.predicted[name].append(got[name])
+        first = got[self.names[0]][:, 0]
+        self.agree += int(np.all([got[n][:, 0] == first for n in self.names], axis=0).sum())
+        self.count += len(labels)
+
+    def percent(self, n: int) -> float:
+        return 100.0 * n / self.count
+
+
+class _Sessions:
+    """One loaded copy of every model per worker thread, lent to whichever thread runs a task."""
+
+    def __init__(self, loaded: list[dict], names: list[str]):
+        self.free: queue.Queue = queue.Queue()
+        for own in loaded:
+            self.free.put(own)
+        self.seconds = {name: 0.0 for name in names}
+        self.lock = threading.Lock()
+
+    def top5(self, name: str, images: np.ndarray) -> np.ndarray:
+        own = self.free.get()
+        try:
+            started = time.perf_counter()
+            logits = own[name].run(images)
+            elapsed = time.perf_counter() - started
+            with self.lock:
+                self.seconds[name] += elapsed
+        finally:
+            self.free.put(own)
+        return top_classes(logits)
+
+
+def _known_slices(known: dict[str, np.ndarray], start: int, size: int) -> dict[str, np.ndarray]:
+    for name, top in known.items():
+        if len(top) < start + size:
+            raise ValueError(f"the known predictions of {name} cover {len(top)} images; the batches have more")
+    return {name: top[start:start + size] for name, top in known.items()}
+
+
 def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.ndarray]], threads: int = 0,
              workers: int | None = None, known: dict[str, np.ndarray] | None = None,
              runtime: str = DEFAULT) -> Evaluation:
     """Top-1/top-5 of each model and their top-1 agreement over ``batches`` of (float32 NCHW images, labels).
 
     ``threads`` is the core budget (0: every core). ``workers`` threads (default: one per core of the budget) each
-    hold a one-thread session of every model and take (batch, model) tasks in turn, so the cores stay busy
-    whichever model is slower; ``workers=1`` runs every model in one session with the whole budget.
+    run a one-thread copy of a model on a batch at a time, taking (batch, model) tasks in turn, so the cores stay
+    busy whichever model is slower; ``workers=1`` runs every model in one session with the whole budget.
     ``known`` maps more model names to their ``top_classes`` over exactly these images, in order (an earlier
     result's ``predictions``): they are scored and compared without being run. ``runtime`` names the inference
     runtime the models run in (``quantize.core.inference``)."""
@@ -89,151 +145,73 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
     if set(known) & set(models):
         raise ValueError(f"models {sorted(set(known) & set(models))} are both given and known")
     budget = threads or _cores()
-    names = [*known, *models]
+    tally = _Tally([*known, *models])
     workers = max(1, min(workers or budget, budget))
     per_session = max(1, budget // workers)
     engine = get_runtime(runtime)
     iterator = iter(batches)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     first = next(iterator, None)  # its size lets a runtime that compiles per shape (OpenVINO) do so before timing
-    first_wait = time.perf_counter() - t0
+    input_seconds = time.perf_counter() - started
     size = len(first[0]) if first is not None else None
-    sessions = [{name: engine.load(path, threads=per_session, lean=True, batch=size) for name, path in models.items()}
-                for _ in range(workers)]
-    lock = threading.Lock()
-    run_seconds = {name: 0.0 for name in models}
-    hits1 = {name: 0 for name in names}
-    hits5 = {name: 0 for name in names}
-    predicted: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    agree = 0
-    count = 0
-    input_seconds = first_wait
-    tasks: queue.Queue = queue.Queue()
-    results: queue.Queue = queue.Queue()
-    failure: list[BaseException] = []
+    sessions = _Sessions([{name: engine.load(path, threads=per_session, lean=True, batch=size)
+                           for name, path in models.items()} for _ in range(workers)], list(models))
+    in_flight: deque[tuple[np.ndarray, dict[str, np.ndarray | Future]]] = deque()
 
-    def work(own: dict) -> None:
-        while True:
-            task = tasks.get()
-            if task is None:
-                return
-            index, name, images = task
-            try:
-                if failure:
-                    raise RuntimeError("stopped")
-                t0 = time.perf_counter()
-                logits = own[name].run(images)
-                elapsed = time.perf_counter() - t0
-                with lock:
-                    run_seconds[name] += elapsed
-                results.put((index, name, top_classes(logits)))
-            except BaseException as exc:  # reported by the main thread
-                if not failure:
-                    failure.append(exc)
-                results.put((index, name, None))
+    def score_oldest() -> None:
+        labels, got = in_flight.popleft()
+        tally.add(labels, {name: top.result() if isinstance(top, Future) else top for name, top in got.items()})
 
-    threads_ = [threading.Thread(target=work, args=(own,), name=f"evaluate-{i}", daemon=True)
-                for i, own in enumerate(sessions)]
-    for thread in threads_:
-        thread.start()
-    pending: dict[int, dict[str, np.ndarray | None]] = {}
-    batch_labels: dict[int, np.ndarray] = {}
-    finished: dict[int, dict[str, np.ndarray]] = {}  # completed batches, scored in order
-    sent = done = scored = 0
-    seen = 0  # images sent so far: where the next batch starts in the known predictions
-
-    def score(index: int, got: dict[str, np.ndarray]) -> None:
-        nonlocal agree, count
-        labels = batch_labels.pop(index)
-        for name in names:
-            hits1[name] += int(hits(got[name], labels, 1).sum())
-            hits5[name] += int(hits(got[name], labels, 5).sum())
-            predicted[name].append(got[name])
-        first = got[names[0]][:, 0]
-        agree += int(np.all([got[n][:, 0] == first for n in names], axis=0).sum())
-        count += len(labels)
-
-    def complete(index: int, got: dict[str, np.ndarray]) -> None:
-        nonlocal done, scored
-        done += 1
-        if failure:
-            return
-        finished[index] = got
-        while scored in finished:  # in order, so the predictions line up with the images
-            score(scored, finished.pop(scored))
-            scored += 1
-
-    def collect(block: bool) -> None:
-        while True:
-            try:
-                index, name, prediction = results.get(block=block)
-            except queue.Empty:
-                return
-            block = False
-            pending[index][name] = prediction
-            if len(pending[index]) == len(names):
-                complete(index, pending.pop(index))
-
-    started = time.perf_counter() - first_wait
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evaluate")
     try:
-        while not failure:
-            t0 = time.perf_counter()
-            item, first = (first, None) if first is not None else (next(iterator, None), None)
-            input_seconds += time.perf_counter() - t0
-            if item is None:
-                break
-            images, labels = item
-            images = np.ascontiguousarray(images, dtype=np.float32)
-            batch_labels[sent] = np.asarray(labels)
-            pending[sent] = {}
-            for name, top in known.items():
-                if len(top) < seen + len(images):
-                    raise ValueError(f"the known predictions of {name} cover {len(top)} images; the batches have more")
-                pending[sent][name] = top[seen:seen + len(images)]
+        item, seen = first, 0
+        while item is not None:
+            images = np.ascontiguousarray(item[0], dtype=np.float32)
+            got: dict[str, np.ndarray | Future] = _known_slices(known, seen, len(images))
+            got.update({name: pool.submit(sessions.top5, name, images) for name in models})
+            in_flight.append((np.asarray(item[1]), got))
             seen += len(images)
-            for name in models:
-                tasks.put((sent, name, images))
-            sent += 1
-            if not models:
-                complete(sent - 1, pending.pop(sent - 1))
-            collect(block=sent - done > workers + 1)  # a few batches in flight: memory stays flat
-        while done < sent:
-            collect(block=True)
+            while len(in_flight) > workers + 1:  # a few batches in flight: memory stays flat
+                score_oldest()
+            t0 = time.perf_counter()
+            item = next(iterator, None)
+            input_seconds += time.perf_counter() - t0
+        while in_flight:
+            score_oldest()
     finally:
-        for _ in threads_:
-            tasks.put(None)
-        for thread in threads_:
-            thread.join()
-    if failure:
-        raise failure[0]
+        pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - started
+    count = tally.count
     if count == 0:
         raise ValueError("evaluation received no images")
     for name, top in known.items():
         if len(top) != count:
             raise ValueError(f"the known predictions of {name} cover {len(top)} images, the batches {count}")
-
-    def percent(n: int) -> float:
-        return 100.0 * n / count
-
-    # A model's rate is per worker core: images / (its session time / workers). Decoding, when the batches say what
-    # it cost (data.iter_batches does; a crop cache does not decode), is reported as a stage of its own.
-    stage_seconds = {"input": input_seconds, **{n: run_seconds[n] / workers for n in models}}
-    decode = getattr(batches, "stats", None)
-    if decode is not None and getattr(decode, "images", 0):
-        stage_seconds = {"decode": decode.images / decode.images_per_second * count / decode.images,
-                         **stage_seconds}
+    stage_seconds = _stage_seconds(batches, input_seconds, sessions.seconds, workers, count)
     rates = {stage: count / s if s > 0 else float("inf") for stage, s in stage_seconds.items()}
-    result = Evaluation(count, {n: percent(h) for n, h in hits1.items()}, {n: percent(h) for n, h in hits5.items()},
-                        percent(agree), seconds, count / seconds if seconds else float("inf"), dict(hits1),
-                        predictions={n: np.concatenate(p) for n, p in predicted.items()},
+    result = Evaluation(count, {n: tally.percent(h) for n, h in tally.hits1.items()},
+                        {n: tally.percent(h) for n, h in tally.hits5.items()}, tally.percent(tally.agree), seconds,
+                        count / seconds if seconds else float("inf"), dict(tally.hits1),
+                        predictions={n: np.concatenate(p) for n, p in tally.predicted.items()},
                         stage_seconds=stage_seconds, stage_images_per_second=rates,
                         threads={"workers": workers, "per_session": per_session},
                         runtime={"name": engine.name, "version": engine.version})
     log.info("evaluated %s in %s %s on %d images in %.1f s (%.1f images/s; alone: %s; %d workers x %d thread): %s",
-             ", ".join(f"{n} (known)" if n in known else n for n in names), engine.name, engine.version, count, seconds,
-             result.images_per_second, ", ".join(f"{stage} {rate:.0f} img/s" for stage, rate in rates.items()),
+             ", ".join(f"{n} (known)" if n in known else n for n in tally.names), engine.name, engine.version, count,
+             seconds, result.images_per_second, ", ".join(f"{stage} {rate:.0f} img/s" for stage, rate in rates.items()),
              workers, per_session,
-             "; ".join(f"{n} top-1 {result.top1[n]:.2f} top-5 {result.top5[n]:.2f}" for n in names))
+             "; ".join(f"{n} top-1 {result.top1[n]:.2f} top-5 {result.top5[n]:.2f}" for n in tally.names))
     log.info("at this rate %d images would take %.1f min", FULL_VAL, FULL_VAL / result.images_per_second / 60)
     return result
+
+
+def _stage_seconds(batches, input_seconds: float, run_seconds: dict[str, float], workers: int,
+                   count: int) -> dict[str, float]:
+    """Seconds per stage. A model's time is per worker core (its session time / workers). Decoding, when the batches
+    say what it cost (data.iter_batches does; a crop cache does not decode), is a stage of its own."""
+    stage_seconds = {"input": input_seconds, **{n: s / workers for n, s in run_seconds.items()}}
+    decode = getattr(batches, "stats", None)
+    if decode is not None and getattr(decode, "images", 0):
+        stage_seconds = {"decode": decode.images / decode.images_per_second * count / decode.images,
+                         **stage_seconds}
+    return stage_seconds
