@@ -40,6 +40,7 @@ import logging
 
 import onnx
 
+from quantize.graph.avgpool_conv import avgpools_to_depthwise_convs
 from quantize.graph.channel_shuffle import rewrite_channel_dataflow, rewrite_channel_shuffles
 from quantize.graph.constant_folding import fold_constants
 from quantize.graph.grouped_conv import densify_grouped_convs
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 VERSION = 2
 
 # The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
-ZOO_REWRITES = ("grouped_conv",)
+ZOO_REWRITES = ("grouped_conv", "avgpool_conv")
 
 
 def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = ()
@@ -73,6 +74,8 @@ def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...]
     fold_pads_into_convs(g, report)
     if "grouped_conv" not in skip:
         densify_grouped_convs(g, report)  # first: the channel shuffle after it then folds into dense weights
+    if "avgpool_conv" not in skip:
+        avgpools_to_depthwise_convs(g, report)
     if shuffle:
         rewrite_channel_shuffles(g, report)
         remove_dead(g)
