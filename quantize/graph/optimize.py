@@ -41,6 +41,7 @@ import logging
 import onnx
 
 from quantize.graph.avgpool_conv import avgpools_to_depthwise_convs
+from quantize.graph.channel_order import reorder_conv_outputs
 from quantize.graph.channel_shuffle import rewrite_channel_dataflow, rewrite_channel_shuffles
 from quantize.graph.constant_folding import fold_constants
 from quantize.graph.grouped_conv import densify_grouped_convs
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 VERSION = 2
 
 # The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
-ZOO_REWRITES = ("grouped_conv", "avgpool_conv")
+ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order")
 
 
 def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = ()
@@ -79,6 +80,8 @@ def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...]
     if shuffle:
         rewrite_channel_shuffles(g, report)
         remove_dead(g)
+        if "channel_order" not in skip:
+            reorder_conv_outputs(g, report)
         rewrite_channel_dataflow(g, report)
     remove_dead(g)
     out = g.to_model()
