@@ -47,6 +47,7 @@ from quantize.graph.constant_folding import fold_constants
 from quantize.graph.grouped_conv import densify_grouped_convs
 from quantize.graph.onnx_graph import Graph, Report, constants_to_initializers, remove_dead, remove_identities
 from quantize.graph.pad_folding import fold_pads_into_convs
+from quantize.graph.stem_channels import widen_stem_convs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 VERSION = 2
 
 # The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
-ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order")
+ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels")
 
 
 def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = ()
@@ -83,6 +84,8 @@ def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...]
         if "channel_order" not in skip:
             reorder_conv_outputs(g, report)
         rewrite_channel_dataflow(g, report)
+    if "stem_channels" not in skip:
+        widen_stem_convs(g, report)  # after the dataflow pass, which leaves its repeated channel alone anyway
     remove_dead(g)
     out = g.to_model()
     onnx.checker.check_model(out)
