@@ -4,11 +4,10 @@
                                  [--batch 32] [--batch-iterations 10] [--threads 2] [--before] [--out DIR]
 
 For each entry: random-init weights (int8 kernels do not depend on the values), exported as the export stage does,
-calibrated on ``--calib-images`` class-balanced images with the pipeline's default method (percentile) and quantized
-with the default config (U8S8 per-channel QDQ), all with the current graph rewrites. ``--before`` also builds the
-int8 model without the rewrites of issue #17 (``graph.optimize.ZOO_REWRITES``), to show what they changed.
-Megvii's networks are also timed without their input adapter (``megvii_..._x1_0:bgr255``, the bare network taking
-BGR 0-255 pixels), since the adapter is expected to move into preprocessing.
+calibrated on ``--calib-images`` class-balanced images in the entry's own preprocessing (``model.preprocess``) with
+the pipeline's default method (percentile) and quantized with the default config (U8S8 per-channel QDQ), all with
+the current graph rewrites. ``--before`` also builds the int8 model without the rewrites of issue #17
+(``graph.optimize.ZOO_REWRITES``), to show what they changed.
 
 Timing is ``stages.speed.time_blocks``: fp32 and int8 (and the before model) in alternating blocks, one session
 alive at a time, ``--threads`` intra-op threads, median ms at batch 1 and at ``--batch``; ratio = fp32 / int8
@@ -44,36 +43,20 @@ from quantize.graph.optimize import VERSION as GRAPH_VERSION, ZOO_REWRITES, opti
 from quantize.stages.speed import time_blocks
 
 SCHEMA = "quantize-bench-zoo/1"
-BARE = ":bgr255"  # suffix: a Megvii entry built without its normalized-RGB input adapter
-EXTRA_ENTRIES = ("megvii_shufflenet_v2_x1_0" + BARE,)
 DEFAULT_CALIB_ROOT = Path("../shared/data/imagenet/sample")  # the 200 sample photos, beside the project
 
 
 def zoo_names() -> list[str]:
     from quantize.models.zoo import entries
-    return [e.name for e in entries()] + list(EXTRA_ENTRIES)
+    return [e.name for e in entries()]
 
 
-def build(name: str, work: Path, check_batch: np.ndarray) -> Path:
+def build(entry: Any, work: Path, check_batch: np.ndarray) -> Path:
     """The entry's random-init fp32 ONNX model, exported as the export stage does."""
-    from quantize.models.registry import RANDOM_INIT_SEED, build_model
-    from quantize.models.zoo import entries
+    from quantize.models.registry import build_model
     from quantize.stages.export import export_onnx
 
-    base = name[:-len(BARE)] if name.endswith(BARE) else name
-    entry = entries([base])[0]
-    if name.endswith(BARE):
-        import torch
-
-        from quantize.models.megvii_shufflenet import MegviiShuffleNetV2
-        if entry.source != "megvii":
-            raise QuantizeError(f"{name}: only Megvii entries have an input adapter to leave out")
-        torch.manual_seed(RANDOM_INIT_SEED)
-        width = base.rsplit("_v2_x", 1)[-1]  # megvii_shufflenet_v2_x1_0 -> 1_0
-        size = width.replace("_", ".") + "x"
-        model = MegviiShuffleNetV2(size, entry.num_classes, rgb_normalized_input=False).eval()
-    else:
-        model = build_model(entry.arch, pretrained=False, num_classes=entry.num_classes)
+    model = build_model(entry.arch, pretrained=False, num_classes=entry.num_classes)
     path = work / "model.onnx"
     export_onnx(model, path, check_batch, opset=11, tolerance=1e-2)
     return path
@@ -120,11 +103,20 @@ def top(ops: dict[str, float], n: int = 4) -> list[list]:
     return [[op, round(ms, 3), round(100 * ms / total, 1)] for op, ms in list(ops.items())[:n]]
 
 
-def measure(name: str, images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str, Any]:
+    from quantize.data.preprocess import Preprocess
+    from quantize.models.zoo import entries
+
+    entry = entries([name])[0]
+    preprocess = Preprocess.from_config(entry.preprocess)
+    key = repr(preprocess.key())
+    if key not in image_cache:
+        image_cache[key] = calibration_images(args.calib_root, args.calib_images, preprocess)
+    images = image_cache[key]
     with tempfile.TemporaryDirectory(prefix="bench-zoo.") as scratch:
         work = Path(scratch)
         started = time.perf_counter()
-        fp32 = build(name, work, images[:2])
+        fp32 = build(entry, work, images[:2])
         int8, rewrites = quantized(fp32, images, work)
         models = {"fp32": fp32, "int8": int8}
         if args.before:
@@ -155,12 +147,11 @@ def measure(name: str, images: np.ndarray, args: argparse.Namespace) -> dict[str
     return row
 
 
-def calibration_images(root: Path, count: int) -> np.ndarray:
-    from quantize.data.preprocess import Preprocess
+def calibration_images(root: Path, count: int, preprocess: Any) -> np.ndarray:
     from quantize.data.samples import balanced_subset, iter_batches, list_samples
 
     samples = balanced_subset(list_samples(root), count, seed=0)
-    return np.concatenate([batch for batch, _ in iter_batches(samples, 25, Preprocess())])
+    return np.concatenate([batch for batch, _ in iter_batches(samples, 25, preprocess)])
 
 
 def table(result: dict[str, Any]) -> str:
@@ -190,8 +181,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantize.bench.zoo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", help="comma-separated entries (default: the whole zoo"
-                                         f" and {', '.join(EXTRA_ENTRIES)})")
+    parser.add_argument("--models", help="comma-separated entries (default: the whole zoo)")
     parser.add_argument("--calib-root", type=Path, default=DEFAULT_CALIB_ROOT)
     parser.add_argument("--calib-images", type=int, default=50)
     parser.add_argument("--iterations", type=int, default=100, help="batch-1 runs per model")
@@ -206,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         names = args.models.split(",") if args.models else zoo_names()
-        images = calibration_images(args.calib_root, args.calib_images)
+        if not args.calib_root.is_dir():
+            raise QuantizeError(f"--calib-root {args.calib_root} is not a folder of images (make bench-zoo CALIB=...)")
+        image_cache: dict = {}
         result: dict[str, Any] = {
             "schema": SCHEMA,
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": package_version("onnxruntime")},
@@ -216,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "entries": [],
         }
         for name in names:
-            row = measure(name, images, args)
+            row = measure(name, args, image_cache)
             result["entries"].append(row)
             print(f"{name}: int8/fp32 b1 {row['ratio']['b1']:.2f}x, b{args.batch} {row['ratio'][f'b{args.batch}']:.2f}x"
                   f" (load {row['load'][0]:.1f}-{row['load'][1]:.1f})", file=sys.stderr, flush=True)
