@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from quantize.graph.optimize import optimize
 from quantize.stages.calibrate import Calibration, save_ranges
 from quantize.accuracy.sensitivity import expose
 from quantize.core.runtime import make_session
@@ -85,8 +86,9 @@ def images(n: int, seed: int = 1, batch: int = 8) -> list[np.ndarray]:
 
 
 def minmax_ranges(model: onnx.ModelProto, batches: list[np.ndarray], path: Path, widen: float = 1.0) -> Path:
-    """MinMax ranges of every float tensor (optionally widened ``widen`` times: a deliberately coarse quantization),
-    written in ONNX Runtime's calibration-cache format."""
+    """MinMax ranges of every float tensor of the graph ``quantize_model`` quantizes (``graph.optimize``'s), optionally
+    widened ``widen`` times (a deliberately coarse quantization), in ONNX Runtime's calibration-cache format."""
+    model = optimize(model)[0]
     names = ["x"] + [o for n in model.graph.node for o in n.output]
     session = make_session(expose(model, names), level="disable")
     lo = {n: np.inf for n in names}

@@ -81,6 +81,9 @@ def match_activations(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> list[Tens
     producers, consumers = _fp32_tensors(fp32)
     graph_inputs = {i.name for i in fp32.graph.input}
     q_input = {n.output[0]: n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear"}
+    for node in int8.graph.node:  # a Gather of a quantized input (graph.stem_channels) stands for its own output
+        if node.op_type == "Gather" and node.input[0] in q_input:
+            q_input[node.output[0]] = node.output[0]
     pairs: dict[str, TensorPair] = {}
     for node in int8.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in q_input:

@@ -20,13 +20,15 @@ LEVELS = {
 
 def make_session(model: str | Path | bytes, threads: int = 0,
                  level: str | None = None, optimized_model_path: str | Path | None = None,
-                 memory_pattern: bool = True, spinning: bool = True) -> ort.InferenceSession:
+                 memory_pattern: bool = True, spinning: bool = True,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
     """A CPU session; ``threads=0`` lets ONNX Runtime use every core. ``level`` is the graph optimization level
     (default: all; ``"disable"`` runs the graph exactly as written, QDQ emulated in float, which is what makes
     DequantizeLinear outputs readable); ``optimized_model_path`` saves the graph ONNX Runtime actually runs. ``memory_pattern=False``
     stops ONNX Runtime from planning one block for all intermediates on top of what its arena already holds after
     the first run (with both, the second run doubles the resident memory). ``spinning=False`` makes idle
-    intra-op threads sleep instead of spinning: cheaper when other threads of the process want the cores."""
+    intra-op threads sleep instead of spinning: cheaper when other threads of the process want the cores.
+    ``profile_prefix`` turns on ONNX Runtime's profiler (``end_profiling()`` returns the trace's path)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -38,6 +40,9 @@ def make_session(model: str | Path | bytes, threads: int = 0,
         options.graph_optimization_level = LEVELS[level]
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -20,6 +20,8 @@ to the convolutions that read it). For ShuffleNetV2 that is one Split and one Co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -218,7 +220,16 @@ def _channel_axis_ok(axis: int | None, rank: int = 4) -> bool:
 
 def _movement_provenance(node: onnx.NodeProto, g: Graph, prov: dict[str, list[tuple[str, int]]],
                          channels: dict[str, int]) -> list[list[tuple[str, int]]] | None:
-    """The channel provenance of each output of a channel-moving node, or None when it is not one."""
+    """The channel provenance of each output of a channel-moving node, or None when it is not one. A move that
+    repeats a channel (``stem_channels``' Gather) is not followed: no convolution absorbs a repeated channel."""
+    result = _provenance(node, g, prov, channels)
+    if result is None or any(len(set(part)) != len(part) for part in result):
+        return None
+    return result
+
+
+def _provenance(node: onnx.NodeProto, g: Graph, prov: dict[str, list[tuple[str, int]]],
+                channels: dict[str, int]) -> list[list[tuple[str, int]]] | None:
 
     def source(name: str) -> list[tuple[str, int]] | None:
         if name in prov:
@@ -263,7 +274,7 @@ def _movement_provenance(node: onnx.NodeProto, g: Graph, prov: dict[str, list[tu
     return None
 
 
-def _runs(order: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
+def channel_runs(order: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
     """Maximal (source, start, stop) runs of consecutive channels of one source."""
     runs: list[list] = []
     for src, ch in order:
@@ -274,10 +285,25 @@ def _runs(order: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
     return [tuple(r) for r in runs]
 
 
-def rewrite_channel_dataflow(g: Graph, report: Report) -> None:
-    """Readers of channel-moved tensors read Concats of chunks of the tensors that computed them, cut once per
-    source by a Split; convolutions absorb any channel order in their weights, so they read chunks grouped by
-    source in channel order (the fewest cuts)."""
+@dataclass
+class ChannelReads:
+    """Where every channel read through channel moves (Concat/Gather/Slice/Split on axis 1) comes from.
+
+    ``provenance[t]`` lists, for each channel of the moved tensor ``t``, the (source tensor, channel) that computed
+    it; ``reads`` lists each reader of a moved tensor as (node, input index, channel order it will read, kind), with
+    kind ``absorb`` (a convolution that takes any channel order in its weights), ``absorb_dw`` (a depthwise
+    convolution that passes the order on to the convolutions after it) or ``logical``; a moved graph output is
+    (None, its name, order, ``logical``). Absorbing readers read their channels grouped by source, in channel order.
+    """
+    channels: dict[str, int]
+    provenance: dict[str, list[tuple[str, int]]]
+    moves: set[int]
+    reads: list[tuple[onnx.NodeProto | None, int | str, list[tuple[str, int]], str]]
+    users: dict[str, list[onnx.NodeProto]]
+    rank: dict[str, int]
+
+
+def channel_reads(g: Graph) -> ChannelReads:
     shapes = g.shapes()
     channels = {name: dims[1] for name, dims in shapes.items()
                 if len(dims) == 4 and isinstance(dims[1], int)}
@@ -291,17 +317,13 @@ def rewrite_channel_dataflow(g: Graph, report: Report) -> None:
                 for out, p in zip(node.output, result):
                     prov[out] = p
                 moves.add(id(node))
-    if not prov:
-        return
     rank = {}
     for i, node in enumerate(g.nodes):
         for out in node.output:
             rank[out] = i
     for inp in g.inputs:
         rank[inp.name] = -1
-
-    # What each reader of a moved tensor needs, in which order.
-    plans = []  # (node, input index, order, kind)
+    plans = []
     for node in g.nodes:
         if id(node) in moves:
             continue
@@ -319,14 +341,25 @@ def rewrite_channel_dataflow(g: Graph, report: Report) -> None:
             if kind != "logical":
                 order = sorted(order, key=lambda item: (rank.get(item[0], 0), item[0], item[1]))
             plans.append((node, i, order, kind))
-    outputs_moved = [name for name in g.output_names if name in prov]
-    for name in outputs_moved:
-        plans.append((None, name, prov[name], "logical"))
+    for name in g.output_names:
+        if name in prov:
+            plans.append((None, name, prov[name], "logical"))
+    return ChannelReads(channels, prov, moves, plans, users, rank)
+
+
+def rewrite_channel_dataflow(g: Graph, report: Report) -> None:
+    """Readers of channel-moved tensors read Concats of chunks of the tensors that computed them, cut once per
+    source by a Split; convolutions absorb any channel order in their weights, so they read chunks grouped by
+    source in channel order (the fewest cuts)."""
+    reads = channel_reads(g)
+    if not reads.provenance:
+        return
+    channels, prov, plans, users, rank = reads.channels, reads.provenance, reads.reads, reads.users, reads.rank
 
     # Cut every source once at all run boundaries.
     cuts: dict[str, set[int]] = {}
     for _, _, order, _ in plans:
-        for src, start, stop in _runs(order):
+        for src, start, stop in channel_runs(order):
             cuts.setdefault(src, {0, channels[src]}).update((start, stop))
     chunks: dict[tuple[str, int], str] = {}  # (source, start) -> chunk tensor
     chunk_end: dict[tuple[str, int], int] = {}
@@ -355,7 +388,7 @@ def rewrite_channel_dataflow(g: Graph, report: Report) -> None:
 
     def build(order: list[tuple[str, int]], name: str | None = None) -> str:
         pieces = []
-        for src, start, stop in _runs(order):
+        for src, start, stop in channel_runs(order):
             at = start
             while at < stop:
                 pieces.append(chunks[(src, at)])

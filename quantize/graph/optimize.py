@@ -19,6 +19,16 @@ The TorchScript exporter leaves work in the graph that ONNX Runtime's int8 path 
   straight from the tensors that computed them: one Split per such tensor and one Concat per reader, in an order
   a convolution absorbs by permuting its weights (a depthwise convolution passes the order on to the convolutions
   after it). Split and Concat on channels run channels-last, so the int8 model keeps one layout end to end.
+- grouped pointwise convolutions (ShuffleNetV1, groups = 3), which ONNX Runtime's int8 kernels run as small per-group
+  GEMMs and which cannot absorb a channel order: one dense convolution with a block-diagonal weight
+  (``grouped_conv``), so the V1 channel shuffle folds into its weights like V2's.
+- average pools counting padding (ShuffleNetV1 shortcuts), slow as ``QLinearAveragePool``: depthwise convolutions
+  with weights 1 / window (``avgpool_conv``).
+- channels selected with a stride (Megvii's even/odd split), which left the dataflow pass Concats of single
+  channels: the producing convolution computes its channels in the order its readers take them
+  (``channel_order``).
+- the 3-channel stem convolution, whose int8 im2col is slow on 3-byte pixels: it reads a 4th, zero-weighted copy
+  of an input channel (``stem_channels``; the int8 model quantizes the input before that copy).
 
 Every rewrite keeps the fp32 function exactly (tests compare the rewritten and original models' outputs).
 Tensor names of activations that survive are kept, so ranges computed on the rewritten graph name the same tensors.
@@ -30,30 +40,52 @@ import logging
 
 import onnx
 
+from quantize.graph.avgpool_conv import avgpools_to_depthwise_convs
+from quantize.graph.channel_order import reorder_conv_outputs
 from quantize.graph.channel_shuffle import rewrite_channel_dataflow, rewrite_channel_shuffles
 from quantize.graph.constant_folding import fold_constants
+from quantize.graph.grouped_conv import densify_grouped_convs
 from quantize.graph.onnx_graph import Graph, Report, constants_to_initializers, remove_dead, remove_identities
 from quantize.graph.pad_folding import fold_pads_into_convs
+from quantize.graph.stem_channels import widen_stem_convs
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever a rewrite changes which tensors exist or what they hold: calibration ranges computed on the
 # graph of one version name the tensors of that version.
-VERSION = 1
+# 2: grouped convolutions densified, average pools as depthwise convolutions, conv outputs reordered for their
+#    readers, stem convolutions widened to 4 input channels.
+VERSION = 2
+
+# The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
+ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels")
 
 
-def optimize(model: onnx.ModelProto, shuffle: bool = True) -> tuple[onnx.ModelProto, Report]:
-    """The rewritten model (a copy) and what was done."""
+def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = ()
+             ) -> tuple[onnx.ModelProto, Report]:
+    """The rewritten model (a copy) and what was done. ``skip`` names rewrites of ``ZOO_REWRITES`` to leave out
+    (benchmarks compare against the graph without them; the pipeline never skips)."""
+    unknown = set(skip) - set(ZOO_REWRITES)
+    if unknown:
+        raise ValueError(f"unknown rewrites {sorted(unknown)}; skippable: {', '.join(ZOO_REWRITES)}")
     g = Graph(model)
     report = Report()
     constants_to_initializers(g, report)
     remove_identities(g, report)
     fold_constants(g, report)
     fold_pads_into_convs(g, report)
+    if "grouped_conv" not in skip:
+        densify_grouped_convs(g, report)  # first: the channel shuffle after it then folds into dense weights
+    if "avgpool_conv" not in skip:
+        avgpools_to_depthwise_convs(g, report)
     if shuffle:
         rewrite_channel_shuffles(g, report)
         remove_dead(g)
+        if "channel_order" not in skip:
+            reorder_conv_outputs(g, report)
         rewrite_channel_dataflow(g, report)
+    if "stem_channels" not in skip:
+        widen_stem_convs(g, report)  # after the dataflow pass, which leaves its repeated channel alone anyway
     remove_dead(g)
     out = g.to_model()
     onnx.checker.check_model(out)

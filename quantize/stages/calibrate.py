@@ -40,7 +40,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
 
 from quantize.graph import optimize as graph_opt
@@ -135,6 +135,8 @@ def range_plan(model: onnx.ModelProto, tensors: list[str]) -> RangePlan:
             source[src] = dst
         elif node.op_type in SAME_VALUES_OPS and node.domain in ("", "ai.onnx"):
             source[dst] = src
+        elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and _gathers_everything(node, model):
+            source[dst] = src  # every value again, some twice (graph.stem_channels): the same range
     derived: dict[str, str] = {}
     for name in source:
         seen = {name}
@@ -146,6 +148,24 @@ def range_plan(model: onnx.ModelProto, tensors: list[str]) -> RangePlan:
             continue
         derived[name] = target
     return RangePlan([t for t in tensors if t not in derived], derived)
+
+
+def _gathers_everything(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    """A Gather with constant indices that takes every index of its axis at least once."""
+    indices = next((numpy_helper.to_array(i) for i in model.graph.initializer if i.name == node.input[1]), None)
+    if indices is None or indices.ndim != 1 or indices.size == 0:
+        return False
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    value_infos = list(model.graph.input) + list(model.graph.value_info)
+    info = next((vi for vi in value_infos if vi.name == node.input[0]), None)
+    if info is None:
+        info = next((vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info
+                     if vi.name == node.input[0]), None)
+    dims = info.type.tensor_type.shape.dim if info is not None else []
+    if not -len(dims) <= axis < len(dims) or not dims[axis].HasField("dim_value"):
+        return False
+    size = dims[axis].dim_value
+    return set(int(i) % size for i in indices) == set(range(size))
 
 
 def _calibration_graph(model: onnx.ModelProto, measured: list[str], expose: bool

@@ -15,6 +15,7 @@ from onnx import version_converter
 from onnxruntime.quantization import QuantFormat as OrtQuantFormat, QuantType as OrtQuantType, quantize_static
 
 from quantize.graph import optimize as graph_opt
+from quantize.graph.stem_channels import move_input_quantization
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
 from quantize.config import CalibMethod, QuantFormat, QuantType, choice
@@ -97,12 +98,20 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
                 calibrate_method=METHODS[method], calibration_cache_path=str(ranges_path),
                 extra_options=dict(extra_options or {}),
             )
+        _quantize_input_before_gathers(Path(tmp_out))
         validate_model(tmp_out, what="int8 model")
     seconds = time.perf_counter() - started
     log.info("quantized %s -> %s (%s, %s activations, %s%s weights, opset %d) in %.1f s", fp32_path.name,
              out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
              target_opset, seconds)
     return Quantized(out_path, target_opset, seconds)
+
+
+def _quantize_input_before_gathers(path: Path) -> None:
+    """The widened stem's Gather of the network input copies bytes, not floats (``stem_channels``)."""
+    model = onnx.load(str(path))
+    if move_input_quantization(model):
+        onnx.save(model, str(path))
 
 
 def _check_ranges_cover(model: onnx.ModelProto, ranges_path: Path) -> None:
