@@ -61,8 +61,9 @@ def test_onnx_file_from_images_matches_the_cli(tmp_path):
     fp32_file = first.fp32_path
     api = quantize.quantize_model(fp32_file, images_in(data), tmp_path / "api2" / "m.int8.onnx")
 
+    # the API's defaults are the plain recipe (QuantConfig/CalibConfig); the CLI's default recipe adds refinements
     cfg = compose_config(["+model=onnx", f"model.path={fp32_file}", f"data.root={data}", "calib.list=null",
-                          "calib.num_images=6", f"work_dir={tmp_path / 'work'}", "stages=[export,calibrate,quantize]"])
+                          "quant=u8s8_plain", "calib=percentile", "calib.num_images=6", f"work_dir={tmp_path / 'work'}", "stages=[export,calibrate,quantize]"])
     quantize.run_pipeline(cfg, tmp_path / "run")
     cli_int8 = next((tmp_path / "work").rglob("model.int8.onnx"))
 
