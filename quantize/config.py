@@ -164,8 +164,10 @@ class QuantConfig:
     opset: Optional[int] = None    # int8 model opset; default: the fp32 opset, raised to 13 for per-channel QDQ
     op_types: Optional[List[str]] = None  # default: every op type ONNX Runtime can quantize
     nodes_to_exclude: List[str] = field(default_factory=list)
-    # Post-training methods beyond ONNX Runtime's quantizer, each off by default (the default int8 model is unchanged).
-    # Measured effects: README and quantize/{equalize,weight_rounding,bias_correction}.py.
+    # Post-training methods beyond ONNX Runtime's quantizer, each off in this schema (and so in the Python API's
+    # QuantConfig()); the CLI's default preset, conf/quant/u8s8_fidelity.yaml, turns on balance,
+    # shared_concat_ranges, weight_scales=search and weight_rounding=gptq. Measured effects: README ("The default
+    # recipe") and quantize/accuracy/{equalize,range_balance,shared_ranges,weight_scales,weight_rounding,bias_correction}.py.
     equalize: bool = False         # rescale channels between convolutions (exact through ReLU/ReLU6) before calibration
     balance: bool = False          # rescale |x| channel peaks of Conv->[Relu]->[MaxPool]->Conv tensors (range_balance.py)
     balance_strength: float = 1.0  # s_c = (max peak / peak_c) ** strength

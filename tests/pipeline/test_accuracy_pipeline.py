@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
 
 def test_plain_recipe_leaves_the_pipeline_unchanged(tiny):
     root, data = tiny
-    cfg = compose_config(tiny_overrides(data, root / "work", "quant=u8s8_plain", "calib=percentile"))
+    cfg = compose_config(tiny_overrides(data, root / "work"))
     q, a = cfg.quant, cfg.analysis
     assert (q.equalize, q.weight_rounding, q.bias_correction, q.max_drop) == (False, "nearest", False, None)
     assert (q.balance, q.shared_concat_ranges, q.weight_scales) == (False, False, "max")
@@ -38,7 +38,7 @@ def test_plain_recipe_leaves_the_pipeline_unchanged(tiny):
 def test_default_recipe_runs_its_stages(tiny):
     """No quant/calib override: MSE ranges, range balancing, shared Concat ranges, weight-scale search, GPTQ."""
     root, data = tiny
-    cfg = compose_config(tiny_overrides(data, root / "work"))
+    cfg = compose_config(tiny_overrides(data, root / "work", plain=False))
     q = cfg.quant
     assert cfg.calib.method == "mse"
     assert (q.balance, q.shared_concat_ranges, q.weight_scales, q.weight_rounding) == (True, True, "search", "gptq")
@@ -68,8 +68,7 @@ def test_accurate_preset_composes():
 
 def test_every_method_budget_sensitivity_and_speed_end_to_end(tiny):
     root, data = tiny
-    overrides = tiny_overrides(data, root / "work", "quant=u8s8_plain", "calib=percentile",
-                               "quant.equalize=true", "quant.weight_rounding=gptq",
+    overrides = tiny_overrides(data, root / "work", "quant.equalize=true", "quant.weight_rounding=gptq",
                                "quant.bias_correction=true", "quant.max_drop=-1", "quant.max_trials=2",
                                "quant.tune_images=4", "analysis.sensitivity_images=4", "analysis.speed_runs=3",
                                "analysis.sensitivity=true", "analysis.speed=true")
