@@ -373,5 +373,5 @@ def test_every_stage_can_be_named_and_the_graph_rewrite_is_its_own_cached_stage(
     full.run()
     assert full.records["optimize"]["cached"] and not full.records["sensitivity"]["cached"]
     assert full.records["calibrate"]["inputs"]["model_sha256"] == optimized["sha256"]
-    with pytest.raises(ConfigError, match="unknown stage.*stages are export, equalize, optimize"):
+    with pytest.raises(ConfigError, match="unknown stage.*stages are export, equalize, balance, optimize"):
         Pipeline(compose_config(tiny_overrides(data, work, "stages=[graph_opt]")), tmp_path / "r3")
