@@ -76,6 +76,30 @@ def test_onnx_file_from_images_matches_the_cli(tmp_path):
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
 
 
+def test_default_recipe_through_the_api_matches_the_cli(tmp_path):
+    """The CLI's default recipe (no quant/calib override), asked of the API by its options: the same int8 model."""
+    data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
+    first = quantize.quantize_model(TinyClassifier(), [Image.open(p) for p in images_in(data)],
+                                    tmp_path / "api" / "m.int8.onnx")
+    fidelity = quantize.QuantConfig(balance=True, shared_concat_ranges=True, weight_scales="search",
+                                    weight_rounding="gptq", refine_images=128)
+    api = quantize.quantize_model(first.fp32_path, images_in(data), tmp_path / "api2" / "m.int8.onnx",
+                                  calib=quantize.CalibConfig(method="mse"), quant=fidelity)
+    assert api.details["refine"]["weight_scales"]["layers"] > 0 and "balance" in api.details
+    cfg = compose_config(["+model=onnx", f"model.path={first.fp32_path}", f"data.root={data}", "calib.list=null",
+                          "calib.num_images=6", f"work_dir={tmp_path / 'work'}", "stages=[export,calibrate,quantize,refine]"])
+    quantize.run_pipeline(cfg, tmp_path / "run")
+    cli_int8 = next((tmp_path / "work").rglob("refine-*/model.int8.onnx"))
+
+    def values(path):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    ours, theirs = values(api.int8_path), values(cli_int8)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=0, err_msg=name)
+
+
 def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(quantize.QuantizeError, match="calibration_data is empty"):
         quantize.quantize_model(TinyClassifier(), [], tmp_path / "x.onnx")
