@@ -46,6 +46,36 @@ class QuantizeResult:
     details: dict[str, Any]    # what each step reported (calibration seconds and peak RSS, refinements)
 
 
+def cli_defaults() -> tuple[CalibConfig, QuantConfig]:
+    """The calib and quant blocks ``python -m quantize`` runs with when none is chosen on the command line."""
+    from omegaconf import OmegaConf
+
+    from quantize.config import CONF_DIR
+
+    chosen = {}
+    for entry in OmegaConf.load(CONF_DIR / "config.yaml").defaults:
+        if not isinstance(entry, str):
+            chosen.update(OmegaConf.to_container(entry))
+    blocks = []
+    for group, schema in (("calib", CalibConfig), ("quant", QuantConfig)):
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(CONF_DIR / group / f"{chosen[group]}.yaml"))
+        blocks.append(OmegaConf.to_object(merged))
+    return blocks[0], blocks[1]
+
+
+def _first_images(batches: list[np.ndarray], n: int | None) -> list[np.ndarray]:
+    """The leading ``n`` images of ``batches`` (all when ``n`` is None), as batches."""
+    if n is None:
+        return batches
+    kept, count = [], 0
+    for batch in batches:
+        if count >= n:
+            break
+        kept.append(batch[: n - count])
+        count += len(kept[-1])
+    return kept
+
+
 def quantize_model(model: str | Path | "torch.nn.Module", calibration_data: Iterable[ImageLike], out_path: str | Path,
                    *, preprocess: Preprocess | None = None, calib: CalibConfig | None = None,
                    quant: QuantConfig | None = None, export: ExportConfig | None = None,
@@ -55,11 +85,13 @@ def quantize_model(model: str | Path | "torch.nn.Module", calibration_data: Iter
     ``model``: an ONNX file (one float NCHW input, class logits out) or a ``torch.nn.Module`` (exported at
     ``export.opset``). ``calibration_data``: image files, PIL images (both preprocessed with ``preprocess``,
     ImageNet's Resize 256 / CenterCrop 224 / mean-std by default), or float32 arrays already preprocessed
-    (``CHW`` images or ``NCHW`` batches). ``calib``/``quant``/``export``: the CLI's config blocks; their defaults
-    are the CLI's defaults.
+    (``CHW`` images or ``NCHW`` batches). ``calib``/``quant``/``export``: the CLI's config blocks; left out, each is
+    what ``python -m quantize`` runs with no override (``cli_defaults``: the groups ``conf/config.yaml`` selects,
+    today ``calib=mse quant=u8s8_fidelity``). ``QuantConfig()`` / ``CalibConfig()`` themselves are the plain recipe.
     """
-    calib = calib or CalibConfig()
-    quant = quant or QuantConfig()
+    default_calib, default_quant = cli_defaults()
+    calib = calib or default_calib
+    quant = quant or default_quant
     export = export or ExportConfig()
     preprocess = preprocess or Preprocess()
     out_path = Path(out_path)
@@ -76,30 +108,54 @@ def quantize_model(model: str | Path | "torch.nn.Module", calibration_data: Iter
         else:
             fp32 = export_onnx(model, work / "model.onnx", check, opset=export.opset, tolerance=export.tolerance,
                                threads=threads)
-        calibration = calibrate(fp32.path, iter(batches), method=calib.method, percentile=calib.percentile,
+        source = fp32.path  # what is calibrated and quantized: the model, or its range-balanced copy
+        details: dict[str, Any] = {}
+        if quant.equalize and quant.balance:
+            raise ConfigError("quant.equalize and quant.balance both rescale the fp32 model's channels: choose one")
+        if quant.balance:
+            from quantize.accuracy.range_balance import balance
+
+            source = work / "model.balanced.onnx"
+            subset = _first_images(batches, quant.balance_images)
+            details["balance"] = {"chains": len(balance(fp32.path, source, iter(subset), strength=quant.balance_strength,
+                                                        threads=threads).chains)}
+        calibration = calibrate(source, iter(batches), method=calib.method, percentile=calib.percentile,
                                 num_bins=calib.num_bins, threads=threads)
         ranges = work / "ranges.json"
         save_ranges(calibration, ranges)
+        optimized = None
+        if quant.shared_concat_ranges or quant.weight_rounding != "nearest" or quant.bias_correction \
+                or quant.weight_scales != "max":
+            import onnx
+
+            from quantize.graph.optimize import optimize
+
+            optimized = work / "fp32.optimized.onnx"  # the graph the quantizer rewrites the model into
+            onnx.save(optimize(onnx.load(str(source)))[0], str(optimized))
+        if quant.shared_concat_ranges:
+            from quantize.accuracy.shared_ranges import share_concat_ranges
+            import onnx
+
+            details["shared_ranges"] = share_concat_ranges(onnx.load(str(optimized)), ranges, work / "ranges.shared.json")
+            ranges = work / "ranges.shared.json"
         int8_target = work / "model.int8.onnx"
         quantized = quantize_static_model(
-            fp32.path, ranges, int8_target, method=calib.method, fmt=quant.format,
+            source, ranges, int8_target, method=calib.method, fmt=quant.format,
             activation_type=quant.activation_type, weight_type=quant.weight_type, per_channel=quant.per_channel,
             reduce_range=quant.reduce_range, opset=quant.opset,
             op_types=list(quant.op_types) if quant.op_types else None, nodes_to_exclude=list(quant.nodes_to_exclude))
-        details: dict[str, Any] = {"calibration_seconds": calibration.seconds,
-                                   "calibration_peak_rss_mb": calibration.peak_rss_mb}
+        details.update(calibration_seconds=calibration.seconds, calibration_peak_rss_mb=calibration.peak_rss_mb)
         final = quantized.path
-        if quant.weight_rounding != "nearest" or quant.bias_correction:
+        if optimized is not None and (quant.weight_rounding != "nearest" or quant.bias_correction
+                                      or quant.weight_scales != "max"):
             from quantize.accuracy.refine import refine
-            from quantize.graph.optimize import optimize
-            import onnx
 
-            reference = work / "fp32.optimized.onnx"
-            onnx.save(optimize(onnx.load(str(fp32.path)))[0], str(reference))
             final = work / "model.int8.refined.onnx"
-            details["refine"] = refine(reference, quantized.path, final, lambda: iter(batches),
+            subset = _first_images(batches, quant.refine_images)
+            details["refine"] = refine(optimized, quantized.path, final, lambda: iter(subset),
                                        weight_rounding=quant.weight_rounding,
-                                       bias_correction=bool(quant.bias_correction), threads=threads)
+                                       bias_correction=bool(quant.bias_correction), threads=threads,
+                                       weight_scales=quant.weight_scales)
         final.replace(out_path)
         fp32_out = out_path.with_name(out_path.name.replace(".int8", "").replace(".onnx", "") + ".fp32.onnx")
         fp32.path.replace(fp32_out)

@@ -17,7 +17,7 @@ from quantize.core.errors import ConfigError
 STAGES = ["export", "calibrate", "quantize", "evaluate", "report"]
 # Every stage that can be named in stages=, in the order they run. The ones not in STAGES run when the config
 # asks for them (quant.equalize, quant.weight_rounding, ...) or when named.
-ALL_STAGES = ["export", "equalize", "optimize", "calibrate", "quantize", "refine", "budget", "evaluate",
+ALL_STAGES = ["export", "equalize", "balance", "optimize", "calibrate", "quantize", "refine", "budget", "evaluate",
               "sensitivity", "speed", "report"]
 
 
@@ -37,6 +37,7 @@ class CalibMethod(Choice):
     percentile = "percentile"
     minmax = "minmax"
     entropy = "entropy"
+    mse = "mse"          # the range with the least 8-bit quantization error of each tensor (histogram.mse_range)
 
 
 class QuantFormat(Choice):
@@ -52,6 +53,11 @@ class QuantType(Choice):
 class WeightRounding(Choice):
     nearest = "nearest"
     gptq = "gptq"
+
+
+class WeightScales(Choice):
+    max = "max"          # max|w| / 127 per channel (ONNX Runtime's choice)
+    search = "search"    # the scale with the least rounding error per channel (accuracy/weight_scales.py)
 
 
 class ParamsKind(Choice):
@@ -163,9 +169,16 @@ class QuantConfig:
     opset: Optional[int] = None    # int8 model opset; default: the fp32 opset, raised to 13 for per-channel QDQ
     op_types: Optional[List[str]] = None  # default: every op type ONNX Runtime can quantize
     nodes_to_exclude: List[str] = field(default_factory=list)
-    # Post-training methods beyond ONNX Runtime's quantizer, each off by default (the default int8 model is unchanged).
-    # Measured effects: README and quantize/{equalize,weight_rounding,bias_correction}.py.
+    # Post-training methods beyond ONNX Runtime's quantizer, each off in this schema (and so in the Python API's
+    # QuantConfig()); the CLI's default preset, conf/quant/u8s8_fidelity.yaml, turns on balance,
+    # shared_concat_ranges, weight_scales=search and weight_rounding=gptq. Measured effects: README ("The default
+    # recipe") and quantize/accuracy/{equalize,range_balance,shared_ranges,weight_scales,weight_rounding,bias_correction}.py.
     equalize: bool = False         # rescale channels between convolutions (exact through ReLU/ReLU6) before calibration
+    balance: bool = False          # rescale |x| channel peaks of Conv->[Relu]->[MaxPool]->Conv tensors (range_balance.py)
+    balance_strength: float = 1.0  # s_c = (max peak / peak_c) ** strength
+    balance_images: Optional[int] = 256  # calibration images range balancing reads (null: all)
+    shared_concat_ranges: bool = False  # a Concat's inputs and output quantized on one range (shared_ranges.py)
+    weight_scales: WeightScales = WeightScales.max  # search: per-channel scales of least rounding error
     weight_rounding: WeightRounding = WeightRounding.nearest  # gptq: int8 weights minimizing each layer's output error
     bias_correction: bool = False  # int32 biases moved so each Conv/Gemm's mean output per channel matches fp32
     refine_images: Optional[int] = None  # calibration images GPTQ reads (streamed; default: all of them)

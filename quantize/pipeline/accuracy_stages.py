@@ -1,13 +1,15 @@
-"""The pipeline's accuracy stages: equalize, refine (GPTQ, bias correction), budget, sensitivity, speed.
+"""The pipeline's accuracy stages: equalize, balance, refine (weight scales, GPTQ, bias correction), budget,
+sensitivity, speed.
 
 Run by the pipeline through the :class:`StageHost` interface declared here (``stage``: a directory keyed by
 everything the stage reads, ``record.json`` written last), so each is cached like the others and can be named in
-``stages=``. None of them runs with the default config:
+``stages=``. The default recipe (``quant=u8s8_fidelity``) runs ``balance`` and ``refine``; the others run when asked:
 
 - ``equalize`` (``quant.equalize``): an equalized fp32 copy that calibration and quantization read instead of the
   export;
-- ``refine`` (``quant.weight_rounding=gptq``, ``quant.bias_correction``): the quantized model with GPTQ-rounded
-  weights and corrected biases;
+- ``balance`` (``quant.balance``): a range-balanced fp32 copy (``accuracy/range_balance.py``), read the same way;
+- ``refine`` (``quant.weight_scales=search``, ``quant.weight_rounding=gptq``, ``quant.bias_correction``): the
+  quantized model with searched weight scales, GPTQ-rounded weights and corrected biases;
 - ``budget`` (``quant.max_drop``): nodes kept in fp32 until the drop on a tuning subset fits;
 - ``sensitivity`` (``analysis.sensitivity``): per-tensor SQNR of the final int8 model, a table and a PNG;
 - ``speed`` (``analysis.speed``): int8 / fp32 latency, measured once per model pair and machine.
@@ -31,6 +33,7 @@ from quantize.accuracy.budget import TuneSet, rank_candidates, search
 from quantize.core.artifacts import file_sha256, write_json
 from quantize.data.samples import Sample, balanced_subset
 from quantize.accuracy.equalize import equalize
+from quantize.accuracy.range_balance import balance
 from quantize.config import Config, EvalConfig
 from quantize.core.errors import ConfigError
 from quantize.data.preprocess import Preprocess
@@ -43,7 +46,7 @@ from quantize.stages.static_quant import quantize_model
 log = logging.getLogger(__name__)
 
 # Bumped when a stage's algorithm changes what it writes, so cached results of an older version are not reused.
-VERSIONS = {"equalize": 1, "refine": 2, "budget": 2, "sensitivity": 2, "speed": 4}
+VERSIONS = {"equalize": 1, "balance": 1, "refine": 3, "budget": 2, "sensitivity": 2, "speed": 4}
 
 
 class StageHost(Protocol):
@@ -78,15 +81,20 @@ class AccuracyStages:
     # --- switches ---------------------------------------------------------------------------------------------
     def _refining(self) -> bool:
         q = self.cfg.quant
-        return q.weight_rounding != "nearest" or bool(q.bias_correction)
+        return q.weight_rounding != "nearest" or bool(q.bias_correction) or q.weight_scales != "max"
 
     def _budgeted(self) -> bool:
         return self.cfg.quant.max_drop is not None
 
     # --- which models the stages read -------------------------------------------------------------------------
     def fp32_source(self) -> dict[str, Any]:
-        """The fp32 record the graph rewrites read: the export, or its equalized copy."""
-        return self.host.get("equalize" if self.cfg.quant.equalize else "export")
+        """The fp32 record the graph rewrites read: the export, or its equalized or range-balanced copy."""
+        q = self.cfg.quant
+        if q.equalize and q.balance:
+            raise ConfigError("quant.equalize and quant.balance both rescale the fp32 model's channels: choose one")
+        if q.balance:
+            return self.host.get("balance")
+        return self.host.get("equalize" if q.equalize else "export")
 
     def final_int8(self) -> dict[str, Any]:
         """The int8 record evaluated and reported: after the budget, else after refinement, else as quantized."""
@@ -155,6 +163,24 @@ class AccuracyStages:
 
         return self.host.stage("equalize", inputs, work)
 
+    def balance(self) -> dict[str, Any]:
+        exported = self.host.get("export")
+        q = self.cfg.quant
+        samples, root = self._calibration_subset(q.balance_images)
+        inputs = {"model_sha256": exported["sha256"], "images": self.host.images_key(samples, root),
+                  "strength": q.balance_strength, "preprocess": self.preprocess.key(), "version": VERSIONS["balance"]}
+
+        def work(stage_dir: Path) -> dict[str, Any]:
+            path = stage_dir / "model.onnx"
+            result = balance(Path(exported["path"]), path, self._image_batches(samples, root, "balance"),
+                             strength=q.balance_strength, threads=self.cfg.threads)
+            return {"path": str(path), "sha256": file_sha256(path), "opset": exported.get("opset"),
+                    "chains": result.chains, "num_chains": len(result.chains),
+                    "channels": sum(c["channels"] for c in result.chains), "num_images": result.num_images,
+                    "seconds": result.seconds}
+
+        return self.host.stage("balance", inputs, work)
+
     def refine(self) -> dict[str, Any]:
         source = self.host.get("optimize")
         quantized = self.host.get("quantize")
@@ -163,6 +189,7 @@ class AccuracyStages:
         corr_samples, _ = self._calibration_subset(min(q.bias_correction_images, q.refine_images or 1 << 30))
         inputs = {"fp32_sha256": source["sha256"], "int8_sha256": quantized["sha256"],
                   "weight_rounding": q.weight_rounding, "bias_correction": bool(q.bias_correction),
+                  "weight_scales": q.weight_scales,
                   "images": self.host.images_key(samples, root),
                   "correction_images": self.host.images_key(corr_samples, root) if q.bias_correction else None,
                   "preprocess": self.preprocess.key(), "version": VERSIONS["refine"]}
@@ -171,9 +198,10 @@ class AccuracyStages:
             path = stage_dir / "model.int8.onnx"
             reference = Path(source["path"])  # the rewritten fp32 graph the int8 model was quantized from
             details = refine(reference, Path(quantized["path"]), path,
-                             lambda: self._image_batches(samples, root, None), weight_rounding=q.weight_rounding,
+                             lambda: self._image_batches(samples, root, "refine"), weight_rounding=q.weight_rounding,
                              bias_correction=bool(q.bias_correction), threads=self.cfg.threads,
-                             correction_batches=lambda: self._image_batches(corr_samples, root, None))
+                             correction_batches=lambda: self._image_batches(corr_samples, root, None),
+                             weight_scales=q.weight_scales)
             return {"path": str(path), "sha256": file_sha256(path), "opset": quantized["opset"],
                     "num_images": len(samples), "correction_images": len(corr_samples), **details}
 
@@ -217,7 +245,8 @@ class AccuracyStages:
                 if not extra:
                     return tune.score(Path(start["path"]))
                 path = trials_dir / f"trial{len(written) + 1}.int8.onnx"
-                quantize_model(Path(source["path"]), Path(calibrated["path"]), path, method=calibrated["method"],
+                ranges = self.host.get("quantize").get("ranges_path") or calibrated["path"]  # shared Concat ranges
+                quantize_model(Path(source["path"]), Path(ranges), path, method=calibrated["method"],
                                optimize_graph=False, **self.quant_options(extra))
                 if refined is not None:  # carry GPTQ weights and corrected biases over to the nodes still int8
                     model = onnx.load(str(path))

@@ -89,13 +89,27 @@ def _input_name(onnx_path: str | None) -> str | None:
 def accuracy_sections(cfg: Config, records: dict[str, dict[str, Any]], ev: dict[str, Any]) -> dict[str, Any]:
     """Report fields of the accuracy stages (quantize.pipeline.accuracy_stages); each is null when its stage did not run."""
     q = cfg.quant
-    methods: dict[str, Any] = {"equalize": bool(q.equalize), "weight_rounding": q.weight_rounding,
+    methods: dict[str, Any] = {"equalize": bool(q.equalize), "balance": bool(q.balance),
+                               "shared_concat_ranges": bool(q.shared_concat_ranges),
+                               "weight_scales": q.weight_scales, "weight_rounding": q.weight_rounding,
                                "bias_correction": bool(q.bias_correction), "label": method_label(cfg)}
+    if "balance" in records:
+        r = records["balance"]
+        methods["balance_details"] = {"chains": r["num_chains"], "channels": r["channels"],
+                                      "num_images": r["num_images"], "seconds": r["seconds"]}
+    shared = records.get("quantize", {}).get("shared_ranges")
+    if shared is not None:
+        methods["shared_ranges_details"] = shared
     if "equalize" in records:
         e = records["equalize"]
         methods["equalize_details"] = {"pairs": e["num_pairs"], "channels_scaled": e["channels_scaled"],
                                        "seconds": e["seconds"]}
     refine = records.get("refine")
+    if refine is not None and "weight_scales" in refine:
+        w = refine["weight_scales"]
+        methods["weight_scales_details"] = {
+            "layers": w["layers"], "channels_changed": w["channels_changed"],
+            "error_max_scale": w["error_max_scale"], "error_searched": w["error_searched"], "seconds": w["seconds"]}
     if refine is not None and "weight_rounding" in refine:
         w = refine["weight_rounding"]
         methods["weight_rounding_details"] = {
@@ -149,7 +163,8 @@ def sampling_error(num_images: int, agreement: float) -> dict[str, Any]:
 def method_label(cfg: Config) -> str:
     """A short name of the post-training methods used: ``ort``, ``eq+gptq+bc``, ..., ``+budget0.3``."""
     q = cfg.quant
-    parts = [name for on, name in ((q.equalize, "eq"), (q.weight_rounding == "gptq", "gptq"),
+    parts = [name for on, name in ((q.equalize, "eq"), (q.balance, "balance"), (q.shared_concat_ranges, "concat"),
+                                   (q.weight_scales == "search", "wscale"), (q.weight_rounding == "gptq", "gptq"),
                                    (q.bias_correction, "bc")) if on]
     label = "+".join(parts) or "ort"
     if q.max_drop is not None:
@@ -250,6 +265,17 @@ def render_accuracy(report: dict[str, Any]) -> list[str]:
     if "equalize_details" in methods:
         e = methods["equalize_details"]
         lines.append(f"- equalization: {e['pairs']} conv pairs, {e['channels_scaled']} channels rescaled")
+    if "balance_details" in methods:
+        r = methods["balance_details"]
+        lines.append(f"- range balancing: {r['chains']} conv chains, {r['channels']} channels rescaled "
+                     f"({r['num_images']} images, {r['seconds']:.1f} s)")
+    if "shared_ranges_details" in methods:
+        r = methods["shared_ranges_details"]
+        lines.append(f"- shared Concat ranges: {r['groups']} groups, {r['tensors']} tensors")
+    if "weight_scales_details" in methods:
+        w = methods["weight_scales_details"]
+        lines.append(f"- weight-scale search: {w['layers']} layers, {w['channels_changed']} channels rescaled, "
+                     f"weight error {w['error_max_scale']:.3g} -> {w['error_searched']:.3g}")
     if "weight_rounding_details" in methods:
         w = methods["weight_rounding_details"]
         lines.append(f"- GPTQ weight rounding: {w['layers']} layers, mean layer-output SQNR "

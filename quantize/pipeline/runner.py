@@ -26,6 +26,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from quantize.pipeline.accuracy_stages import AccuracyStages
 from quantize.core.artifacts import atomic_path, file_sha256, key_of, read_json, write_json
 from quantize.stages.calibrate import METHOD_VERSIONS, calibrate, save_ranges
+from quantize.accuracy.shared_ranges import share_concat_ranges
 from quantize.config import ALL_STAGES, STAGES, CalibConfig, Config, EvalConfig
 from quantize.data.crop_cache import open_cache
 from quantize.core.digests import DigestStore
@@ -383,14 +384,24 @@ class Pipeline:
         exported = self.get("optimize")
         calibrated = self.get("calibrate")
         options = self.accuracy.quant_options()
+        shared = bool(self.cfg.quant.shared_concat_ranges)
         inputs = {"model_sha256": exported["sha256"], "ranges_sha256": calibrated["sha256"],
-                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime")}
+                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime"),
+                  # only when on: quantizations cached before the option existed keep their key
+                  **({"shared_concat_ranges": True} if shared else {})}
 
         def work(stage_dir: Path) -> dict[str, Any]:
-            result = quantize_model(Path(exported["path"]), Path(calibrated["path"]), stage_dir / "model.int8.onnx",
+            started = time.perf_counter()
+            ranges, extra = Path(calibrated["path"]), {}
+            if shared:
+                ranges = stage_dir / "ranges.shared.json"
+                extra = {"ranges_path": str(ranges),
+                         "shared_ranges": share_concat_ranges(onnx.load(exported["path"]), Path(calibrated["path"]),
+                                                              ranges)}
+            result = quantize_model(Path(exported["path"]), ranges, stage_dir / "model.int8.onnx",
                                     method=calibrated["method"], optimize_graph=False, **options)
-            return {"path": str(result.path), "opset": result.opset, "seconds": result.seconds,
-                    "sha256": file_sha256(result.path)}
+            return {"path": str(result.path), "opset": result.opset, "seconds": time.perf_counter() - started,
+                    "sha256": file_sha256(result.path), **extra}
 
         return self.stage("quantize", inputs, work)
 

@@ -56,10 +56,12 @@ METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
+    # ONNX Runtime has no such method; its cache format only needs a label (the ranges are read as written)
+    "mse": CalibrationMethod.Percentile,
 }
 # Bumped when a method's ranges change for the same images, so calibrations cached by an older version are redone
 # (entropy 2: exact zeros left out, 256 levels for tensors that are never negative).
-METHOD_VERSIONS = {"minmax": 1, "percentile": 1, "entropy": 2}
+METHOD_VERSIONS = {"minmax": 1, "percentile": 1, "entropy": 2, "mse": 1}
 
 # Ops whose output holds exactly the values of their first input, rearranged.
 SAME_VALUES_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -220,8 +222,12 @@ def _collector(method: str, percentile: float, num_bins: int):
     if method == "minmax":
         return _MinMax()
     histogram = StreamingHistogram(num_bins, count_zeros=method == "entropy")
-    histogram.range = (lambda: histogram.percentile_range(percentile)) if method == "percentile" \
-        else histogram.entropy_range
+    if method == "percentile":
+        histogram.range = lambda: histogram.percentile_range(percentile)
+    elif method == "mse":
+        histogram.range = histogram.mse_range
+    else:
+        histogram.range = histogram.entropy_range
     return histogram
 
 

@@ -54,15 +54,17 @@ def test_torch_module_from_arrays_gives_a_valid_int8_model(tmp_path):
 
 
 def test_onnx_file_from_images_matches_the_cli(tmp_path):
-    """Same fp32 file, same images, no overrides: the API's int8 model is the CLI pipeline's, value for value."""
+    """Same fp32 file, same images, the plain recipe on both sides: the API's int8 model is the CLI pipeline's, value for value."""
     data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
     first = quantize.quantize_model(TinyClassifier(), [Image.open(p) for p in images_in(data)],
                                     tmp_path / "api" / "m.int8.onnx")
     fp32_file = first.fp32_path
-    api = quantize.quantize_model(fp32_file, images_in(data), tmp_path / "api2" / "m.int8.onnx")
+    api = quantize.quantize_model(fp32_file, images_in(data), tmp_path / "api2" / "m.int8.onnx",
+                                  calib=quantize.CalibConfig(method="percentile"), quant=quantize.QuantConfig())
 
+    # QuantConfig()/CalibConfig() are the plain recipe, which the CLI runs as quant=u8s8_plain calib=percentile
     cfg = compose_config(["+model=onnx", f"model.path={fp32_file}", f"data.root={data}", "calib.list=null",
-                          "calib.num_images=6", f"work_dir={tmp_path / 'work'}", "stages=[export,calibrate,quantize]"])
+                          "quant=u8s8_plain", "calib=percentile", "calib.num_images=6", f"work_dir={tmp_path / 'work'}", "stages=[export,calibrate,quantize]"])
     quantize.run_pipeline(cfg, tmp_path / "run")
     cli_int8 = next((tmp_path / "work").rglob("model.int8.onnx"))
 
@@ -73,6 +75,27 @@ def test_onnx_file_from_images_matches_the_cli(tmp_path):
     assert ours.keys() == theirs.keys()
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_default_recipe_through_the_api_matches_the_cli(tmp_path):
+    """No quant/calib given to either: the API runs the CLI's default recipe and writes the same int8 model."""
+    data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
+    first = quantize.quantize_model(TinyClassifier(), [Image.open(p) for p in images_in(data)],
+                                    tmp_path / "api" / "m.int8.onnx")
+    api = quantize.quantize_model(first.fp32_path, images_in(data), tmp_path / "api2" / "m.int8.onnx")
+    assert api.details["refine"]["weight_scales"]["layers"] > 0 and "balance" in api.details
+    cfg = compose_config(["+model=onnx", f"model.path={first.fp32_path}", f"data.root={data}", "calib.list=null",
+                          "calib.num_images=6", f"work_dir={tmp_path / 'work'}", "stages=[export,calibrate,quantize,refine]"])
+    quantize.run_pipeline(cfg, tmp_path / "run")
+    cli_int8 = next((tmp_path / "work").rglob("refine-*/model.int8.onnx"))
+
+    def values(path):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    ours, theirs = values(api.int8_path), values(cli_int8)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=0, err_msg=name)
 
 
 def test_bad_input_is_one_line(tmp_path):

@@ -34,7 +34,9 @@ def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog
         "onnx"]["int8_sha256"]
     assert manifest["config"]["model"]["name"] == "shufflenet_v2_x0_5"
     assert manifest["versions"]["onnxruntime"] and manifest["inputs"]["calibration_images_digest"]
-    assert set(manifest["stage_seconds"]) == {"export", "optimize", "calibrate", "quantize", "evaluate", "speed"}
+    # the default recipe: range balancing before the graph rewrite, weight-scale search and GPTQ after quantizing
+    assert set(manifest["stage_seconds"]) == {"export", "balance", "optimize", "calibrate", "quantize", "refine",
+                                              "evaluate", "speed"}
     assert manifest["preprocess"] == {k: v for k, v in feed.items() if k != "model"}
     assert manifest["outputs"]["preprocess.json"] and manifest["inputs"]["preprocess"] == feed["settings"]
     summary = (out / "SUMMARY.md").read_text()

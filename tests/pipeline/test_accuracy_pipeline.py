@@ -18,20 +18,45 @@ def tiny(tmp_path_factory):
     return root, data
 
 
-def test_defaults_leave_the_pipeline_unchanged(tiny):
+def test_plain_recipe_leaves_the_pipeline_unchanged(tiny):
     root, data = tiny
     cfg = compose_config(tiny_overrides(data, root / "work"))
     q, a = cfg.quant, cfg.analysis
     assert (q.equalize, q.weight_rounding, q.bias_correction, q.max_drop) == (False, "nearest", False, None)
+    assert (q.balance, q.shared_concat_ranges, q.weight_scales) == (False, False, "max")
     assert (a.sensitivity, a.speed) == (False, False)
-    pipeline = Pipeline(cfg, root / "run-default")
+    pipeline = Pipeline(cfg, root / "run-plain")
     report = pipeline.run()
     assert set(pipeline.records) == {"export", "optimize", "calibrate", "quantize", "evaluate"}
     assert report["onnx"]["int8_path"] == report["onnx"]["int8_quantizer_path"]
     assert report["eval"]["num_images"] == 12
     assert report["methods"]["label"] == "ort"
     assert report["budget"] is None and report["sensitivity"] is None and report["speed"] is None
-    assert not (root / "run-default" / "sensitivity.png").exists()
+    assert not (root / "run-plain" / "sensitivity.png").exists()
+
+
+def test_default_recipe_runs_its_stages(tiny):
+    """No quant/calib override: MSE ranges, range balancing, shared Concat ranges, weight-scale search, GPTQ."""
+    root, data = tiny
+    cfg = compose_config(tiny_overrides(data, root / "work", plain=False))
+    q = cfg.quant
+    assert cfg.calib.method == "mse"
+    assert (q.balance, q.shared_concat_ranges, q.weight_scales, q.weight_rounding) == (True, True, "search", "gptq")
+    assert (q.equalize, q.bias_correction, q.max_drop) == (False, False, None)
+    pipeline = Pipeline(cfg, root / "run-default")
+    report = pipeline.run()
+    assert set(pipeline.records) == {"export", "balance", "optimize", "calibrate", "quantize", "refine", "evaluate"}
+    assert report["methods"]["label"] == "balance+concat+wscale+gptq"
+    m = report["methods"]
+    assert m["balance_details"]["chains"] > 0  # ShuffleNetV2's stem and branch convolutions
+    assert m["shared_ranges_details"]["groups"] > 0
+    assert m["weight_scales_details"]["layers"] > 0
+    assert m["weight_scales_details"]["error_searched"] <= m["weight_scales_details"]["error_max_scale"]
+    assert m["weight_rounding_details"]["layers"] > 0
+    assert report["onnx"]["int8_path"] != report["onnx"]["int8_quantizer_path"]
+    assert report["eval"]["num_images"] == 12
+    # the plain run is not disturbed by the default's artifacts, and the export is shared
+    assert report["stages"]["export"]["cached"]
 
 
 def test_accurate_preset_composes():
