@@ -291,12 +291,18 @@ def test_canary_real_weights_on_real_photos(tmp_path):
     assert report["methods"]["label"] == "balance+concat+wscale+gptq"
     assert report["fp32"]["top1"] - report["int8"]["top1"] <= 3.0
     assert report["agreement_top1"] >= 85.0
-    # every calibration method keeps the network working (entropy once clipped the pooled features to 11% of
-    # their range: 0% top-1); the export and the fp32 predictions are reused
+
+
+@pytest.mark.slow
+@needs_shared_imagenet()
+def test_canary_every_calibration_method_keeps_lite0_working(tmp_path):
+    """Every calibration method keeps the network working (entropy once clipped the pooled features to 11% of their
+    range: 0% top-1); the export and the fp32 predictions are reused. Slow: three runs on the 200 photos."""
+    base = ["+model=efficientnet_lite0", f"data.root={SHARED_IMAGENET / 'sample'}",
+            f"work_dir={tmp_path / 'artifacts'}", "calib.num_images=200", "quant=u8s8_plain"]
+    report = Pipeline(compose_config([*base, "calib=percentile"]), tmp_path / "percentile").run()
     for method in ("entropy", "minmax"):
-        other = Pipeline(compose_config(["+model=efficientnet_lite0", f"data.root={SHARED_IMAGENET / 'sample'}",
-                                         f"work_dir={tmp_path / 'artifacts'}", "calib.num_images=200",
-                                         f"calib={method}", "quant=u8s8_plain"]), tmp_path / method).run()
+        other = Pipeline(compose_config([*base, f"calib={method}"]), tmp_path / method).run()
         assert other["stages"]["export"]["cached"] and other["eval"]["fp32_reused"]
         assert other["fp32"] == report["fp32"]
         assert other["fp32"]["top1"] - other["int8"]["top1"] <= 4.0, method
