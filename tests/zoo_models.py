@@ -1,4 +1,5 @@
-"""Small networks with the zoo's structures (ShuffleNetV1 units, Megvii's strided split) for the rewrite tests."""
+"""Small networks for the tests: the zoo's structures (ShuffleNetV1 units, Megvii's strided split) for the rewrite
+tests, and a tiny classifier for the stage and runtime tests."""
 
 import numpy as np
 import onnx
@@ -100,3 +101,16 @@ def assert_exact(original, rewritten, x):
 def ops(model):
     from collections import Counter
     return Counter(n.op_type for n in model.graph.node)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(16, 1000)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))

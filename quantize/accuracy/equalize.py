@@ -39,7 +39,7 @@ from quantize.core.artifacts import atomic_path
 from quantize.core.errors import ConfigError
 from quantize.accuracy.sensitivity import expose
 from quantize.core.runtime import make_session
-from quantize.graph.onnx_graph import attr
+from quantize.graph.onnx_graph import attr, is_depthwise
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def find_pairs(model: onnx.ModelProto) -> list[Pair]:
             continue
         w_b = constants[node.input[1]]
         group = attr(node, "group", 1)
-        depthwise = group > 1 and w_b.shape[1] == 1 and group == w_b.shape[0]
+        depthwise = is_depthwise(node, w_b)
         if group != 1 and not depthwise:
             continue
         pairs.append(Pair(a.name, node.name, a.output[0], clip_max, has_act, depthwise))

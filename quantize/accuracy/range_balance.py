@@ -41,7 +41,7 @@ from quantize.accuracy.sensitivity import expose
 from quantize.core.artifacts import atomic_path
 from quantize.core.errors import ConfigError
 from quantize.core.runtime import make_session
-from quantize.graph.onnx_graph import attr
+from quantize.graph.onnx_graph import attr, is_depthwise
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,6 @@ class Balance:
     seconds: float = 0.0
 
 
-def _is_depthwise(node: onnx.NodeProto, w: np.ndarray) -> bool:
-    group = attr(node, "group", 1)
-    return group > 1 and group == w.shape[0] and w.shape[1] == 1
-
-
 def find_chains(model: onnx.ModelProto) -> list[Chain]:
     """Producer Conv -> [Relu] -> [MaxPool] -> reader Convs, every intermediate tensor read by the chain alone."""
     graph = model.graph
@@ -89,7 +84,7 @@ def find_chains(model: onnx.ModelProto) -> list[Chain]:
         if a.op_type != "Conv" or len(a.input) < 2 or not private(a.input[1]):
             continue
         w_a = weights[a.input[1]]
-        if w_a.ndim != 4 or not (attr(a, "group", 1) == 1 or _is_depthwise(a, w_a)):
+        if w_a.ndim != 4 or not (attr(a, "group", 1) == 1 or is_depthwise(a, w_a)):
             continue
         if len(a.input) > 2 and a.input[2] and not private(a.input[2]):
             continue
@@ -113,7 +108,7 @@ def find_chains(model: onnx.ModelProto) -> list[Chain]:
                 break
             if attr(b, "group", 1) == 1:
                 depthwise.append(False)
-            elif _is_depthwise(b, w_b):
+            elif is_depthwise(b, w_b):
                 depthwise.append(True)
             else:
                 ok = False

@@ -134,6 +134,13 @@ def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
+
+def is_depthwise(node: onnx.NodeProto, weight: np.ndarray) -> bool:
+    """A Conv with one input channel per group and as many groups as output channels."""
+    group = attr(node, "group", 1)
+    return group > 1 and group == weight.shape[0] and weight.shape[1] == 1
+
+
 def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
     for i, a in enumerate(node.attribute):
         if a.name == name:

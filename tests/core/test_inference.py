@@ -4,8 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from quantize.core import inference
 from quantize.core.errors import ConfigError
@@ -17,20 +15,10 @@ from quantize.stages.export import export_onnx
 from quantize.stages.speed import time_blocks
 from quantize.stages.static_quant import quantize_model
 
+from zoo_models import Tiny
+
 needs_openvino = pytest.mark.skipif(not available("openvino"),
                                     reason="OpenVINO is not installed (pip install 'quantize[openvino]')")
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(16, 1000)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.features(x), 1))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from quantize.stages.calibrate import activation_tensors, calibrate, save_ranges
 from quantize.core.errors import ConfigError, ModelError
@@ -16,18 +15,7 @@ from quantize.core.runtime import make_session
 from quantize.graph.optimize import optimize
 from quantize.stages.static_quant import int8_opset, model_opset, quantize_model
 
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(16, 1000)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.features(x), 1))
+from zoo_models import Tiny
 
 
 @pytest.fixture(scope="module")
