@@ -27,6 +27,8 @@ The TorchScript exporter leaves work in the graph that ONNX Runtime's int8 path 
 - channels selected with a stride (Megvii's even/odd split), which left the dataflow pass Concats of single
   channels: the producing convolution computes its channels in the order its readers take them
   (``channel_order``).
+- a spatial mean exported as ``ReduceMean`` (torchvision's ShuffleNetV2), which has no int8 kernel:
+  ``GlobalAveragePool`` (``global_pool``).
 - the 3-channel stem convolution, whose int8 im2col is slow on 3-byte pixels: it reads a 4th, zero-weighted copy
   of an input channel (``stem_channels``; the int8 model quantizes the input before that copy).
 
@@ -44,6 +46,7 @@ from quantize.graph.avgpool_conv import avgpools_to_depthwise_convs
 from quantize.graph.channel_order import reorder_conv_outputs
 from quantize.graph.channel_shuffle import rewrite_channel_dataflow, rewrite_channel_shuffles
 from quantize.graph.constant_folding import fold_constants
+from quantize.graph.global_pool import spatial_means_to_global_pools
 from quantize.graph.grouped_conv import densify_grouped_convs
 from quantize.graph.onnx_graph import Graph, Report, constants_to_initializers, remove_dead, remove_identities
 from quantize.graph.pad_folding import fold_pads_into_convs
@@ -55,10 +58,11 @@ log = logging.getLogger(__name__)
 # graph of one version name the tensors of that version.
 # 2: grouped convolutions densified, average pools as depthwise convolutions, conv outputs reordered for their
 #    readers, stem convolutions widened to 4 input channels.
-VERSION = 2
+# 3: spatial means as global average pools.
+VERSION = 3
 
 # The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
-ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels")
+ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels", "global_pool")
 
 
 def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = ()
@@ -78,6 +82,8 @@ def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...]
         densify_grouped_convs(g, report)  # first: the channel shuffle after it then folds into dense weights
     if "avgpool_conv" not in skip:
         avgpools_to_depthwise_convs(g, report)
+    if "global_pool" not in skip:
+        spatial_means_to_global_pools(g, report)
     if shuffle:
         rewrite_channel_shuffles(g, report)
         remove_dead(g)
