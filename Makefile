@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy \
-	bench-runtimes bench-zoo
+	bench-runtimes bench-zoo bench-ablations bench-cost readme-figures
 
 # Optional extras installed beside dev, comma-separated: EXTRAS=openvino (OpenVINO for eval.runtime and make bench).
 EXTRAS ?=
@@ -106,6 +106,29 @@ TAG   ?=
 bench-accuracy: install
 	$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json $(ARGS)
+
+## bench-ablations MODEL=<zoo entry> DATA=<image folder> [VARIANTS='plain no-balance ...'] [ARGS=...]: bench-accuracy
+## once per variant of the default recipe (quantize/bench/accuracy.py VARIANTS: each part off in turn, the plain and
+## GPTQ presets): benchmarks/results/<model>/accuracy-<variant>.json, the README's ablation table.
+VARIANTS ?= plain gptq-only no-balance percentile no-shared-concat no-weight-scales no-gptq bias-correction
+bench-ablations: install
+	for v in $(VARIANTS); do \
+		$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
+			--threads $(THREADS) --variant $$v --out $(BENCH_DIR)/$(MODEL)/accuracy-$$v.json $(ARGS) || exit 1; \
+	done
+
+## bench-cost MODEL=<zoo entry> DATA=<photos in synset folders> [IMAGES=1000] [ARGS=...]: the default recipe's time and
+## peak RSS against the plain recipe's through the real pipeline, the photos repeated to IMAGES calibration images;
+## benchmarks/results/<model>/cost.json (quantize/bench/cost.py).
+IMAGES ?= 1000
+bench-cost: install
+	$(PY) -m quantize.bench.cost --model $(MODEL) --root $(DATA) --images $(IMAGES) --threads $(if $(filter 0,$(THREADS)),1,$(THREADS)) \
+		--out $(BENCH_DIR)/$(MODEL)/cost.json $(ARGS)
+
+## readme-figures: rewrite the README's figure blocks from the artifacts in benchmarks/results
+## (python -m quantize.bench.summary; the tests fail while a block differs from its artifacts).
+readme-figures: install
+	$(PY) -m quantize.bench.summary --results $(BENCH_DIR) --readme README.md
 
 ## bench-runtimes MODEL=<zoo entry> DATA=<labelled images> [RUNTIMES=onnxruntime,openvino]: fp32 and int8 accuracy
 ## in each runtime on the same images (top-1/top-5/agreement, agreement on 12 views per image, the paired difference

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from quantize.core.artifacts import write_text
+from quantize.bench.latency import emit
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import input_name, make_session
 from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
@@ -172,6 +172,20 @@ def as_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The default recipe with each part taken away in turn, and the named presets: ``--variant NAME`` runs one
+# (``make bench-ablations`` all), written as ``accuracy-NAME.json``; the README's ablation table lists them.
+VARIANTS: dict[str, list[str]] = {
+    "plain": ["quant=u8s8_plain", "calib=percentile"],
+    "gptq-only": ["quant=u8s8_accurate", "calib=percentile"],
+    "no-balance": ["quant.balance=false"],
+    "percentile": ["calib=percentile"],
+    "no-shared-concat": ["quant.shared_concat_ranges=false"],
+    "no-weight-scales": ["quant.weight_scales=max"],
+    "no-gptq": ["quant.weight_rounding=nearest"],
+    "bias-correction": ["quant.bias_correction=true"],
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantize.bench.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="zoo entry (conf/model/)")
@@ -181,20 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON result (a .md table is written beside it)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help="add that variant's overrides (see VARIANTS); "
+                        "the default --out becomes accuracy-VARIANT.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. quant=u8s8_plain")
     args = parser.parse_args(argv)
+    if args.variant:
+        args.overrides = [*args.overrides, *VARIANTS[args.variant]]
+        if args.out is None:
+            args.out = Path("benchmarks/results") / args.model / f"accuracy-{args.variant}.json"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = run(args.model, args.root, args.overrides, args.folds, args.views, args.work_dir, args.threads)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    table = as_table(result)
-    if args.out:
-        write_text(args.out, json.dumps(result, indent=2) + "\n")
-        write_text(args.out.with_suffix(".md"), table + "\n")
-    print(table)
-    return 0
+    return emit(result, None, args.out, as_table, markdown=True)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from quantize.core.memory import watch_child
 
 SCHEMA = "quantize-bench-calib/1"
 
@@ -85,36 +85,13 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 # --- parent side ------------------------------------------------------------------------------------------------
 
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_one(spec: dict[str, Any], rss_cap_gb: float, timeout: float, poll: float = 0.1) -> dict[str, Any]:
     """One measurement in a child process under a resident-memory cap and a time limit."""
-    cap_kib = int(rss_cap_gb * 1024 * 1024)
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "quantize.bench.calibration", "--child", json.dumps(spec)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    peak = 0
-    killed = None
-    while process.poll() is None:
-        rss = _rss_kib(process.pid)
-        peak = max(peak, rss)
-        if rss > cap_kib:
-            killed = f"resident memory passed the cap of {rss_cap_gb:g} GiB"
-        elif time.perf_counter() - started > timeout:
-            killed = f"still running after the {timeout:g} s limit"
-        if killed:
-            os.killpg(process.pid, signal.SIGKILL)
-            break
-        time.sleep(poll)
+    peak, killed = watch_child(process, rss_cap_gb, timeout, poll)
     stdout, stderr = process.communicate()
     elapsed = time.perf_counter() - started
     record = {**{k: spec[k] for k in ("path", "method", "images")}, "wall_seconds": elapsed}

@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -147,19 +147,39 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_reports(model: str, outputs: Path = Path("outputs")) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The readable ``report.json`` files of ``model``'s runs under ``outputs/<model>/``, newest first."""
+    for report in sorted((outputs / model).glob("*/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            content = json.loads(report.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict):
+            yield report, content
+
+
 def models_of_run(model: str, outputs: Path = Path("outputs")) -> dict[str, Path]:
     """fp32 and int8 ONNX paths recorded in the newest report of ``model`` under ``outputs/<model>/``."""
-    reports = sorted((outputs / model).glob("*/report.json"), key=lambda p: p.stat().st_mtime)
-    for report in reversed(reports):
+    for _, report in run_reports(model, outputs):
         try:
-            onnx_paths = json.loads(report.read_text())["onnx"]
-            fp32, int8 = Path(onnx_paths["fp32_path"]), Path(onnx_paths["int8_path"])
-        except (OSError, ValueError, KeyError, TypeError):
+            fp32, int8 = Path(report["onnx"]["fp32_path"]), Path(report["onnx"]["int8_path"])
+        except (KeyError, TypeError):
             continue
         if fp32.is_file() and int8.is_file():
             return {"fp32": fp32, "int8": int8}
     raise QuantizeError(f"no run of {model} with both ONNX models on disk under {outputs / model}/; run the pipeline "
                         f"first (make quantize MODEL={model} DATA=...) or pass --fp32 and --int8")
+
+
+def recipe_of_run(model: str, int8: Path, outputs: Path = Path("outputs")) -> dict[str, Any] | None:
+    """How the run that wrote ``int8`` quantized it (methods label, calibration method, quant preset block), so a
+    timing names the recipe it timed."""
+    for path, report in run_reports(model, outputs):
+        if report.get("onnx", {}).get("int8_path") == str(int8):
+            config = report.get("config", {})
+            return {"report": str(path), "methods": report.get("methods", {}).get("label"),
+                    "calib": config.get("calib", {}).get("method"), "quant": config.get("quant")}
+    return None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,13 +209,10 @@ def chosen_preprocess(args: argparse.Namespace) -> Preprocess:
         return entry(args.preprocess)
     model = getattr(args, "model", None)
     if model:
-        outputs = getattr(args, "outputs", Path("outputs"))
-        for report in sorted((outputs / model).glob("*/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-            try:
-                settings = json.loads(report.read_text())["preprocess"]["settings"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            return Preprocess.from_config(settings)
+        for _, report in run_reports(model, getattr(args, "outputs", Path("outputs"))):
+            settings = (report.get("preprocess") or {}).get("settings")
+            if isinstance(settings, dict):
+                return Preprocess.from_config(settings)
         if (CONF_DIR / "model" / f"{model}.yaml").is_file():
             return entry(model)
     return Preprocess()
@@ -215,13 +232,17 @@ def chosen_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return models
 
 
-def emit(result: dict[str, Any], model: str | None, out: Path | None, as_table) -> int:
-    """Name the model in ``result``, write it as JSON to ``out`` (atomically) and print its table."""
+def emit(result: dict[str, Any], model: str | None, out: Path | None, as_table, markdown: bool = False) -> int:
+    """Name the model in ``result``, write it as JSON to ``out`` (atomically; with ``markdown`` its table beside it
+    as ``.md``) and print its table."""
     if model:
         result["model"] = model
+    table = as_table(result)
     if out:
         write_text(out, json.dumps(result, indent=2) + "\n")
-    print(as_table(result))
+        if markdown:
+            write_text(out.with_suffix(".md"), table + "\n")
+    print(table)
     return 0
 
 
@@ -260,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.model and not (args.fp32 and args.int8):
+        result["run"] = recipe_of_run(args.model, models["int8"], args.outputs)
     return emit(result, args.model, args.out, table)
 
 

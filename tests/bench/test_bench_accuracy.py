@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+from omegaconf import OmegaConf
 import pytest
 from PIL import Image
 
@@ -61,3 +62,38 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     assert result["all"]["photos"] == 6 and result["all"]["views"] == 12
     assert 0 <= result["all"]["agreement"] <= 100 and result["load_average"]
     assert "| all | 6 |" in out.with_suffix(".md").read_text()
+
+
+def test_a_variant_adds_its_overrides_and_names_its_file(tmp_path, monkeypatch):
+    from quantize.bench import accuracy
+
+    seen = {}
+
+    def fake_run(model, root, overrides, folds, views, work_dir, threads):
+        seen["overrides"] = overrides
+        row = {"photos": 2, "fp32_top1": 50.0, "int8_top1": 50.0, "drop": 0.0, "drop_se": 0.0, "agreement": 100.0,
+               "agreement_se": 0.0, "views": 4, "photo_agreement": 100.0}
+        return {"model": model, "folds": [{**row, "fold": 0}], "all": row, "views_per_photo": 2,
+                "overrides": overrides, "load_average": [0.5], "cores": 2}
+
+    monkeypatch.setattr(accuracy, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    assert accuracy.main(["--model", "m", "--root", str(tmp_path), "--variant", "no-balance", "x=1"]) == 0
+    assert seen["overrides"] == ["x=1", *accuracy.VARIANTS["no-balance"]]
+    assert json.loads((tmp_path / "benchmarks/results/m/accuracy-no-balance.json").read_text())["overrides"] == \
+        ["x=1", "quant.balance=false"]
+    with pytest.raises(SystemExit):
+        accuracy.main(["--model", "m", "--root", str(tmp_path), "--variant", "no-such-variant"])
+
+
+def test_every_variant_is_a_valid_config():
+    from conftest import compose_config
+    from quantize.bench.accuracy import VARIANTS
+
+    for name, overrides in VARIANTS.items():
+        cfg = compose_config(["+model=shufflenet_v2_x0_5", *overrides])
+        for override in overrides:
+            key, value = override.split("=")
+            if "." in key:
+                chosen = OmegaConf.select(cfg, key)
+                assert str(getattr(chosen, "value", chosen)).lower() == value, (name, override)

@@ -1,0 +1,224 @@
+"""The README's figures, rendered from the committed benchmark artifacts (``make readme-figures``).
+
+    python -m quantize.bench.summary [--results benchmarks/results] [--readme README.md] [--check]
+
+Every figure block of the README sits between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``. Each block
+is rendered here from JSON files the ``make bench*`` commands wrote, and ends by naming them. Without ``--check`` the
+blocks are rewritten in place; with it, the command exits 1 naming every block that differs from its artifacts (the
+test suite runs the check, so a README figure cannot drift from the file it came from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from quantize.core.artifacts import write_text
+
+SHOWN_AS = "benchmarks/results"  # how the README names the results folder, wherever it was read from
+NETWORKS = {"shufflenet_v2_x1_0": "ShuffleNetV2 x1.0", "efficientnet_lite0": "EfficientNet-Lite0"}
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pm(value: float | None, se: float | None, digits: int = 2, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}{unit}" + ("" if se is None else f" ± {se:.{digits}f}{unit}")
+
+
+def _load_range(loads: list[float] | None) -> str:
+    if not loads:
+        return "not recorded"
+    return f"{min(loads):.1f}–{max(loads):.1f}"
+
+
+def _artifacts(paths: list[Path], results: Path) -> str:
+    if not paths:
+        return "Artifacts: none yet (run the command above)."
+    return "Artifacts: " + ", ".join(f"`{SHOWN_AS}/{p.relative_to(results)}`" for p in paths) + "."
+
+
+def _bench_load(bench: dict[str, Any]) -> list[float]:
+    load = bench.get("load_average_1min") or {}
+    return [load[k] for k in ("before", "after") if k in load]
+
+
+def networks(results: Path) -> str:
+    """Both real-weights networks: fp32, int8 with the default recipe, drop, agreement, speed (issue 13)."""
+    rows, used, loads = [], [], []
+    for model, title in NETWORKS.items():
+        default, plain = results / model / "accuracy.json", results / model / "accuracy-plain.json"
+        bench_path = results / model / "bench.json"
+        acc, base, bench = _load(default), _load(plain), _load(bench_path)
+        used += [p for p in (default, plain, bench_path) if p.is_file()]
+        a = (acc or {}).get("all", {})
+        speed = "—"
+        if bench:
+            speed = (f"{bench['latency']['speedup_p50']['int8']:.2f}× · "
+                     f"{bench['throughput']['speedup']['int8']:.2f}×")
+            loads += _bench_load(bench)
+        rows.append(f"| {title} | {_pm(a.get('fp32_top1'), None, 1)} | {_pm(a.get('int8_top1'), None, 1)} | "
+                    f"{_pm(a.get('drop'), a.get('drop_se'))} | {_pm(a.get('agreement'), a.get('agreement_se'), unit='%')} "
+                    f"| {_pm((base or {}).get('all', {}).get('agreement'), (base or {}).get('all', {}).get('agreement_se'), unit='%')} "
+                    f"| {speed} |")
+    acc_any = _load(results / next(iter(NETWORKS)) / "accuracy.json") or {}
+    head = ("| network | fp32 top-1 | int8 top-1 | drop (points) | agreement with fp32 (views) | plain recipe's "
+            "agreement | int8 / fp32 speed, batch 1 · 32 |\n|---|---|---|---|---|---|---|")
+    note = (f"Top-1 on the {acc_any.get('all', {}).get('photos', '?')} sample photos, each calibrated on the other "
+            f"fold ({len(acc_any.get('folds', []))}-fold); agreement on {acc_any.get('views_per_photo', '?')} views "
+            f"per held-out photo; ± standard errors clustered by photo. Speed: ONNX Runtime, the default recipe's int8 "
+            f"model against the exported fp32 model, ratio of medians (load {_load_range(loads)} while timed).")
+    return "\n".join([head, *rows, "", note, _artifacts(used, results)]) + "\n"
+
+
+def ablations(results: Path) -> str:
+    """Every ``accuracy-<tag>.json`` beside the default's: what each variant of the recipe measured."""
+    rows, used = [], []
+    for model, title in NETWORKS.items():
+        for path in [results / model / "accuracy.json", *sorted((results / model).glob("accuracy-*.json"))]:
+            data = _load(path)
+            if data is None:
+                continue
+            used.append(path)
+            a = data["all"]
+            tag = path.stem.partition("-")[2] or "default"
+            overrides = " ".join(o for o in data.get("overrides", []) if not o.startswith("model.checkpoint="))
+            rows.append(f"| {title} | {tag} | `{overrides or '(none)'}` | "
+                        f"{_pm(a['agreement'], a['agreement_se'], unit='%')} | {_pm(a['drop'], a['drop_se'])} | "
+                        f"{_load_range(data.get('load_average'))} |")
+    head = "| network | variant | overrides | agreement (views) | drop (photos) | load |\n|---|---|---|---|---|---|"
+    return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
+
+
+def calibration(results: Path) -> str:
+    """Seconds and peak RSS of this project's calibration against the stock path (``make bench-calib``)."""
+    rows, used = [], []
+    for model, title in NETWORKS.items():
+        path = results / model / "bench_calib.json"
+        data = _load(path)
+        if data is None:
+            continue
+        used.append(path)
+        by_size: dict[int, dict[str, str]] = {}
+        for run in data["runs"]:
+            cell = (f"{run['seconds']:.1f} s, {run['peak_rss_mb']:.0f} MiB" if run["status"] == "ok"
+                    else f"{run['status']} at {data['rss_cap_gb']:g} GiB" if run["status"] == "killed" else run["status"])
+            by_size.setdefault(run["images"], {})[f"{run['path']} {run['method']}"] = cell
+        for images, cells in sorted(by_size.items()):
+            rows.append(f"| {title} | {images} | " + " | ".join(cells.get(c, "—") for c in CALIBRATION_COLUMNS) + " |")
+    head = ("| network | images | " + " | ".join(CALIBRATION_COLUMNS) + " |\n|---|---|"
+            + "---|" * len(CALIBRATION_COLUMNS))
+    return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
+
+
+CALIBRATION_COLUMNS = ("project minmax", "project percentile", "stock percentile")
+
+
+def evaluation(results: Path) -> str:
+    """The 50,000-image evaluation estimate per way of running it (``make bench-eval``)."""
+    rows, used = [], []
+    for model, title in NETWORKS.items():
+        path = results / model / "bench_eval.json"
+        data = _load(path)
+        if data is None:
+            continue
+        used.append(path)
+        for run in data["runs"]:
+            rows.append(f"| {title} | {run['run']} | {run['images_per_second']:.0f} | "
+                        f"{run['minutes_for_50000']:.1f} min |")
+    head = "| network | run | images/s | 50,000 images |\n|---|---|---|---|"
+    return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
+
+
+def zoo(results: Path) -> str:
+    """int8 / fp32 speed of every zoo entry (``make bench-zoo``)."""
+    path = results / "zoo" / "zoo.json"
+    data = _load(path)
+    if data is None:
+        return "(no zoo.json yet: run make bench-zoo)\n"
+    batch = data["settings"]["batch"]
+    rows = []
+    for row in data["entries"]:
+        before = row.get("ratio_before")
+        rows.append(f"| {row['entry']} | {row['ratio']['b1']:.2f}× | {row['ratio'][f'b{batch}']:.2f}× | "
+                    + (f"{before['b1']:.2f}× · {before[f'b{batch}']:.2f}× | " if before else "— | ")
+                    + f"{_load_range(row.get('load'))} | "
+                    + ", ".join(f"{op} {share:.0f}%" for op, _, share in row["where"]["int8"][f"b{batch}"][:3]) + " |")
+    head = (f"| entry | int8 / fp32 batch 1 | batch {batch} | without the zoo rewrites, 1 · {batch} | load | int8 time "
+            f"goes to (batch {batch}) |\n|---|---|---|---|---|---|")
+    return "\n".join([head, *rows, "", _artifacts([path], results)]) + "\n"
+
+
+def cost(results: Path) -> str:
+    """The default recipe's time and memory against the plain one's (``make bench-cost``)."""
+    rows, used = [], []
+    for model, title in NETWORKS.items():
+        path = results / model / "cost.json"
+        data = _load(path)
+        if data is None:
+            continue
+        used.append(path)
+        plain, default = data["recipes"]["plain"], data["recipes"]["default"]
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in default["stages"].items())
+        rows.append(f"| {title} | {data['images']} | {plain['wall_seconds']:.0f} s ({plain['cpu_seconds']:.0f} s), "
+                    f"{plain['peak_rss_mb']:.0f} MiB | {default['wall_seconds']:.0f} s ({default['cpu_seconds']:.0f} s), "
+                    f"{default['peak_rss_mb']:.0f} MiB | {data['ratio']['wall']:.2f}× ({data['ratio']['cpu']:.2f}× CPU) "
+                    f"| {stages} | {data['load_average'][0]:.1f} |")
+    head = ("| network | calibration images | plain: wall (CPU), peak RSS | default: wall (CPU), peak RSS | "
+            "default / plain | default's stages | load |\n|---|---|---|---|---|---|---|")
+    return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "networks": networks, "ablations": ablations, "calibration": calibration, "evaluation": evaluation, "zoo": zoo,
+    "cost": cost}
+
+
+def refresh(text: str, results: Path) -> tuple[str, list[str]]:
+    """``text`` with every figure block rendered anew, and the names of the blocks that changed."""
+    changed: list[str] = []
+
+    def render(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in RENDERERS:
+            raise SystemExit(f"error: README block figures:{name} has no renderer ({', '.join(RENDERERS)})")
+        body = RENDERERS[name](results)
+        if body != match.group("body"):
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(render, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantize.bench.summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--check", action="store_true", help="exit 1 when a block differs from its artifacts")
+    args = parser.parse_args(argv)
+    if not args.readme.is_file():
+        print(f"error: --readme {args.readme} does not exist", file=sys.stderr)
+        return 1
+    text, changed = refresh(args.readme.read_text(), args.results)
+    if args.check:
+        if changed:
+            print(f"error: README figure blocks differ from {args.results}: {', '.join(changed)} "
+                  f"(run make readme-figures)", file=sys.stderr)
+            return 1
+        return 0
+    if changed:
+        write_text(args.readme, text)
+    print(f"{args.readme}: {', '.join(changed) or 'nothing'} rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

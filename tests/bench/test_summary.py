@@ -1,0 +1,46 @@
+"""README figure blocks: rendered from the committed artifacts, and the check that catches a drifted figure."""
+
+import json
+import shutil
+from pathlib import Path
+
+from quantize.bench import summary
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_readme_figures_match_their_artifacts():
+    readme = (ROOT / "README.md").read_text()
+    blocks = [m.group("name") for m in summary.BLOCK.finditer(readme)]
+    assert {"networks", "ablations", "zoo"} <= set(blocks)
+    _, changed = summary.refresh(readme, RESULTS)
+    assert changed == [], f"README figure blocks out of date: {changed} (run make readme-figures)"
+
+
+def test_a_changed_artifact_is_caught_and_rewritten(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    accuracy = results / "shufflenet_v2_x1_0" / "accuracy.json"
+    data = json.loads(accuracy.read_text())
+    data["all"]["agreement"] = 12.345
+    accuracy.write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+
+    assert summary.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert summary.main(["--results", str(results), "--readme", str(readme)]) == 0
+    rewritten = readme.read_text()
+    assert "12.35 ± " in rewritten and "12.35 ± " not in (ROOT / "README.md").read_text()
+    assert summary.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    # text outside the blocks is left as it was
+    outside = summary.BLOCK.sub("", rewritten)
+    assert outside == summary.BLOCK.sub("", (ROOT / "README.md").read_text())
+
+
+def test_every_block_names_its_artifacts():
+    for name, render in summary.RENDERERS.items():
+        body = render(RESULTS)
+        assert "Artifacts: `benchmarks/results/" in body, name
+        for path in summary.re.findall(r"`benchmarks/results/([^`]+)`", body):
+            assert (RESULTS / path).is_file(), (name, path)
