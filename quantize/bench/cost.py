@@ -30,7 +30,7 @@ from quantize.core.memory import watch_child
 
 SCHEMA = "quantize-bench-cost/1"
 RECIPES = {"plain": ["quant=u8s8_plain", "calib=percentile"], "default": []}
-STAGE_DONE = re.compile(r"^(\w+): done in ([0-9.]+) s", re.M)
+STAGE_DONE = re.compile(r"\] - (\w+): done in ([0-9.]+) s")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 

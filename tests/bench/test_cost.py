@@ -25,3 +25,10 @@ def test_a_failing_pipeline_names_its_log(tmp_path):
     with pytest.raises(QuantizeError, match="failed: .*log"):
         cost.pipeline(["+model=no_such_model"], tmp_path / "run.log", rss_cap_gb=4, timeout=120)
     assert "no_such_model" in (tmp_path / "run.log").read_text()
+
+
+def test_stage_seconds_are_read_from_the_pipeline_log():
+    log = ("[2026-11-30 09:58:57,811][quantize.pipeline.runner][INFO] - calibrate: running -> artifacts/x\n"
+           "[2026-11-30 09:59:34,990][quantize.pipeline.runner][INFO] - calibrate: done in 37.2 s\n"
+           "[2026-11-30 09:59:36,100][quantize.pipeline.runner][INFO] - quantize: done in 1.3 s\n")
+    assert cost.STAGE_DONE.findall(log) == [("calibrate", "37.2"), ("quantize", "1.3")]
