@@ -61,8 +61,9 @@ log = logging.getLogger(__name__)
 # graph of one version name the tensors of that version.
 # 2: grouped convolutions densified, average pools as depthwise convolutions, conv outputs reordered for their
 #    readers, stem convolutions widened to 4 input channels.
-# 3: spatial means as global average pools; depthwise convolutions padded to 16 channels.
-VERSION = 3
+# 3: spatial means as global average pools.
+# 4: depthwise convolutions padded with zero channels to a multiple of 16.
+VERSION = 4
 
 # The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
 ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels", "global_pool", "channel_padding")
