@@ -53,7 +53,7 @@ def _bench_load(bench: dict[str, Any]) -> list[float]:
 
 def networks(results: Path) -> str:
     """Both real-weights networks: fp32, int8 with the default recipe, drop, agreement, speed (issue 13)."""
-    rows, used, loads = [], [], []
+    rows, used, loads, timed = [], [], [], []
     for model, title in NETWORKS.items():
         default, plain = results / model / "accuracy.json", results / model / "accuracy-plain.json"
         bench_path = results / model / "bench.json"
@@ -65,6 +65,9 @@ def networks(results: Path) -> str:
             speed = (f"{bench['latency']['speedup_p50']['int8']:.2f}× · "
                      f"{bench['throughput']['speedup']['int8']:.2f}×")
             loads += _bench_load(bench)
+            run = bench.get("run") or {}
+            timed.append(f"{title} {run.get('methods') or 'unrecorded recipe'}"
+                         + (f" ({run['calib']} ranges)" if run.get("calib") else ""))
         rows.append(f"| {title} | {_pm(a.get('fp32_top1'), None, 1)} | {_pm(a.get('int8_top1'), None, 1)} | "
                     f"{_pm(a.get('drop'), a.get('drop_se'))} | {_pm(a.get('agreement'), a.get('agreement_se'), unit='%')} "
                     f"| {_pm((base or {}).get('all', {}).get('agreement'), (base or {}).get('all', {}).get('agreement_se'), unit='%')} "
@@ -75,7 +78,8 @@ def networks(results: Path) -> str:
     note = (f"Top-1 on the {acc_any.get('all', {}).get('photos', '?')} sample photos, each calibrated on the other "
             f"fold ({len(acc_any.get('folds', []))}-fold); agreement on {acc_any.get('views_per_photo', '?')} views "
             f"per held-out photo; ± standard errors clustered by photo. Speed: ONNX Runtime, the default recipe's int8 "
-            f"model against the exported fp32 model, ratio of medians (load {_load_range(loads)} while timed).")
+            f"model against the exported fp32 model, ratio of medians (load {_load_range(loads)} while timed; int8 "
+            f"models timed: {', '.join(timed) or 'none'}).")
     return "\n".join([head, *rows, "", note, _artifacts(used, results)]) + "\n"
 
 
@@ -174,12 +178,53 @@ def cost(results: Path) -> str:
                     f"| {stages} | {data['load_average'][0]:.1f} |")
     head = ("| network | calibration images | plain: wall (CPU), peak RSS | default: wall (CPU), peak RSS | "
             "default / plain | default's stages | load |\n|---|---|---|---|---|---|---|")
+    note = "Wall time includes waiting for the two shared cores (load column); CPU seconds are the comparable figure."
+    return "\n".join([head, *rows, "", note, _artifacts(used, results)]) + "\n"
+
+
+def runtimes_accuracy(results: Path) -> str:
+    """fp32 and int8 in each deployment runtime on the same images (``make bench-runtimes``)."""
+    rows, used = [], []
+    for model, title in NETWORKS.items():
+        for path in sorted((results / model).glob("runtimes*.json")):
+            data = _load(path)
+            used.append(path)
+            config = path.stem.partition("_")[2] or "plain recipe (then the default)"
+            for name, version in data["runtimes"].items():
+                r = data["per_runtime"][name]
+                rows.append(f"| {title}, {config} | {name} {version} | {r['fp32']['top1']:.1f} · {r['fp32']['top5']:.1f} "
+                            f"| {r['int8']['top1']:.1f} · {r['int8']['top5']:.1f} | {r['agreement_top1']:.1f} | "
+                            f"{r['views_agreement_top1']:.2f} | {r['qdq_reference_agreement_top1']['views']:.2f} |")
+            for name, pair in data.get("paired", {}).items():
+                img, views = pair["images"], pair["views"]
+                rows.append(f"| | difference, {pair['against']} − {name} (SE) | | | {img['difference']:+.1f} "
+                            f"({img['standard_error']:.2f}) | {views['difference']:+.2f} ({views['standard_error']:.2f}) | |")
+    head = ("| network, int8 config | runtime | fp32 top-1 · top-5 | int8 top-1 · top-5 | agreement, photos | "
+            "agreement, views | int8 = float QDQ, views |\n|---|---|---|---|---|---|---|")
+    return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
+
+
+def runtimes_speed(results: Path) -> str:
+    """Both models in both runtimes, as ratios to ONNX Runtime's fp32 (``make bench RUNTIME=onnxruntime,openvino``)."""
+    rows, used = [], []
+    for model, title in NETWORKS.items():
+        path = results / model / "bench_onnxruntime_openvino.json"
+        data = _load(path)
+        if data is None:
+            continue
+        used.append(path)
+        b1, bn = data["latency"]["speedup_p50"], data["throughput"]["speedup"]
+        cells = " | ".join(f"{b1[m]:.2f}× · {bn[m]:.2f}×" for m in ("int8", "openvino fp32", "openvino int8"))
+        rows.append(f"| {title} | {cells} | {data['latency']['models']['fp32']['p50_ms']:.1f} ms · "
+                    f"{data['throughput']['models']['fp32']['batch_ms_p50']:.0f} ms | {_load_range(_bench_load(data))} |")
+    head = ("| network | ONNX Runtime int8, b1 · b32 | OpenVINO fp32, b1 · b32 | OpenVINO int8, b1 · b32 | ONNX Runtime "
+            "fp32 time, b1 · b32 | load |\n|---|---|---|---|---|---|")
     return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "networks": networks, "ablations": ablations, "calibration": calibration, "evaluation": evaluation, "zoo": zoo,
-    "cost": cost}
+    "cost": cost, "runtimes_accuracy": runtimes_accuracy, "runtimes_speed": runtimes_speed}
 
 
 def refresh(text: str, results: Path) -> tuple[str, list[str]]:
