@@ -31,7 +31,7 @@ def test_a_changed_artifact_is_caught_and_rewritten(tmp_path):
     assert summary.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
     assert summary.main(["--results", str(results), "--readme", str(readme)]) == 0
     rewritten = readme.read_text()
-    assert "12.35 ± " in rewritten and "12.35 ± " not in (ROOT / "README.md").read_text()
+    assert "12.35% ± " in rewritten and "12.35% ± " not in (ROOT / "README.md").read_text()
     assert summary.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     # text outside the blocks is left as it was
     outside = summary.BLOCK.sub("", rewritten)
