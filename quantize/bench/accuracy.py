@@ -142,8 +142,8 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
                                         f"work_dir={work_dir}", f"threads={threads}", "analysis.speed=false",
                                         *overrides])
             pipeline = Pipeline(cfg, Path(scratch) / f"run{k}")
-            fp32 = Path(pipeline.get("export")["path"])
-            int8 = Path(pipeline.accuracy.final_int8()["path"])
+            fp32 = Path(pipeline.get("export").path)
+            int8 = Path(pipeline.accuracy.final_int8().path)
             pred = held_out_predictions(fp32, int8, held_out, pipeline.preprocess, views, threads)
             fold_labels = np.array([s.label for s in held_out])
             results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})

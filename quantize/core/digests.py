@@ -19,11 +19,11 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from quantize.core.artifacts import atomic_path
 from quantize.core.errors import DataError
+from quantize.core.prefetch import thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DigestStore:
                 todo.append(i)
         if todo:
             started = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="digest") as pool:
+            with thread_pool(workers, "digest") as pool:
                 for i, digest in zip(todo, pool.map(file_digest, (keys[i] for i in todo))):
                     self._entries[keys[i]] = [*identities[i], digest]
             self._changed = True

@@ -25,11 +25,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from quantize.core.artifacts import file_sha256, key_of, read_json
 from quantize.core.digests import DigestStore, combined
 from quantize.data.samples import Sample, inside
 from quantize.core.errors import ConfigError, DataError
+from quantize.core.prefetch import prefetch
 from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
 
 FORMAT = "crop-cache/4"  # 2: a digest of the image files' sizes; 3: per-model resize settings; 4: a digest of their bytes
@@ -123,19 +123,7 @@ def _crop(sample: Sample, p: Preprocess) -> np.ndarray:
 
 def _decoded(samples: Sequence[Sample], p: Preprocess, workers: int) -> Iterator[np.ndarray]:
     """uint8 HWC crops in sample order, decoded by ``workers`` threads with a bounded number in flight."""
-    ahead = max(8, 4 * workers)
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cache-decode")
-    try:
-        pending: deque = deque(pool.submit(_crop, s, p) for s in samples[:ahead])
-        next_index = len(pending)
-        while pending:
-            crop = pending.popleft().result()
-            if next_index < len(samples):
-                pending.append(pool.submit(_crop, samples[next_index], p))
-                next_index += 1
-            yield crop
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return prefetch(partial(_crop, p=p), samples, workers, ahead=max(8, 4 * workers), name="cache-decode")
 
 
 def _window(path: Path, offset: int, start: int, count: int, crop: int, mode: str) -> np.memmap:

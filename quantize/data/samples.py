@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from quantize.core.artifacts import key_of
 from quantize.core.digests import DigestStore
 from quantize.core.errors import ConfigError, DataError, examples
+from quantize.core.prefetch import prefetch
 from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
 
 log = logging.getLogger(__name__)
@@ -431,18 +432,12 @@ def iter_batches(
 
 
 def _generate(samples, batch_size, p, workers, desc, stats):
-    in_flight_limit = 3 * batch_size
     progress = tqdm(total=len(samples), desc=desc, unit="img", file=sys.stderr, disable=None) if desc else None
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+    decoded = prefetch(partial(_timed_decode, p=p), samples, workers, ahead=3 * batch_size, name="decode")
     try:
-        pending: deque = deque()
-        next_index = 0
         for start in range(0, len(samples), batch_size):
             stop = min(start + batch_size, len(samples))
-            while next_index < len(samples) and next_index < start + in_flight_limit:
-                pending.append(pool.submit(_timed_decode, samples[next_index], p))
-                next_index += 1
-            done = [pending.popleft().result() for _ in range(stop - start)]
+            done = list(itertools.islice(decoded, stop - start))
             stats.decode_seconds += sum(seconds for _, seconds in done)
             stats.images += len(done)
             started = time.perf_counter()
@@ -454,7 +449,7 @@ def _generate(samples, batch_size, p, workers, desc, stats):
                 progress.update(stop - start)
             yield batch, labels
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        decoded.close()
         if progress is not None:
             progress.close()
 

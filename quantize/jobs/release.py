@@ -22,6 +22,7 @@ from typing import Any
 from quantize.core.artifacts import atomic_path, file_sha256, write_text
 from quantize.config import compose
 from quantize.core.errors import QuantizeError
+from quantize.pipeline.records import StageRecord
 from quantize.pipeline.runner import Pipeline
 from quantize.models.zoo import CONF_MODELS, GENERIC
 
@@ -61,24 +62,24 @@ def _stable(report: dict[str, Any]) -> dict[str, Any]:
     return stable
 
 
-def manifest(report: dict[str, Any], records: dict[str, dict[str, Any]], outputs: dict[str, str]) -> dict[str, Any]:
+def manifest(report: dict[str, Any], records: dict[str, StageRecord], outputs: dict[str, str]) -> dict[str, Any]:
     calib = records["calibrate"]
     return {
         "model": report["model"],
         "config": report["config"],
         "versions": report["versions"],
         "inputs": {
-            "model": records["export"]["inputs"],
-            "calibration_images_digest": calib["inputs"]["images"],
-            "calibration_list": calib.get("list"),
-            "calibration_list_sha256": calib.get("list_sha256"),
-            "evaluation_images_digest": records["evaluate"]["inputs"]["images"],
-            "preprocess": calib["inputs"]["preprocess"],
+            "model": records["export"].inputs,
+            "calibration_images_digest": calib.inputs["images"],
+            "calibration_list": calib.list,
+            "calibration_list_sha256": calib.list_sha256,
+            "evaluation_images_digest": records["evaluate"].inputs["images"],
+            "preprocess": calib.inputs["preprocess"],
         },
         # How to feed model.onnx and model.int8.onnx, self-contained (also written alone as preprocess.json)
         "preprocess": report.get("preprocess"),
         "outputs": outputs,
-        "stage_seconds": {name: r.get("stage_seconds") for name, r in records.items()},
+        "stage_seconds": {name: r.stage_seconds for name, r in records.items()},
     }
 
 

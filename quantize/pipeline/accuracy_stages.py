@@ -38,6 +38,8 @@ from quantize.config import Config, EvalConfig
 from quantize.core.errors import ConfigError
 from quantize.data.preprocess import Preprocess
 from quantize.pipeline.plots import sqnr_bars
+from quantize.pipeline.records import (BalanceRecord, BudgetRecord, EqualizeRecord, ModelRecord, RefineRecord,
+                                       SensitivityRecord, SpeedRecord, StageRecord)
 from quantize.accuracy.refine import refine, transfer
 from quantize.accuracy.sensitivity import analyze, render_table
 from quantize.stages.speed import cpu_name, measure
@@ -53,12 +55,12 @@ class StageHost(Protocol):
     """What the accuracy stages need from the pipeline that runs them."""
 
     cfg: Config
-    records: dict[str, dict[str, Any]]
+    records: dict[str, StageRecord]
     preprocess: Preprocess
 
-    def get(self, stage: str) -> dict[str, Any]: ...
+    def get(self, stage: str) -> StageRecord: ...
 
-    def stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]: ...
+    def stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], StageRecord]) -> StageRecord: ...
 
     def samples(self, section: EvalConfig, limit: int | None, seed: int, asked: str | None = None
                 ) -> tuple[list[Sample], Path]: ...
@@ -87,7 +89,7 @@ class AccuracyStages:
         return self.cfg.quant.max_drop is not None
 
     # --- which models the stages read -------------------------------------------------------------------------
-    def fp32_source(self) -> dict[str, Any]:
+    def fp32_source(self) -> ModelRecord:
         """The fp32 record the graph rewrites read: the export, or its equalized or range-balanced copy."""
         q = self.cfg.quant
         if q.equalize and q.balance:
@@ -96,7 +98,7 @@ class AccuracyStages:
             return self.host.get("balance")
         return self.host.get("equalize" if q.equalize else "export")
 
-    def final_int8(self) -> dict[str, Any]:
+    def final_int8(self) -> ModelRecord:
         """The int8 record evaluated and reported: after the budget, else after refinement, else as quantized."""
         if self._budgeted():
             return self.host.get("budget")
@@ -146,68 +148,66 @@ class AccuracyStages:
         return (images for images, _ in self.host.batches(samples, root, size, desc=desc))
 
     # --- stages ----------------------------------------------------------------------------------------------
-    def equalize(self) -> dict[str, Any]:
+    def equalize(self) -> EqualizeRecord:
         exported = self.host.get("export")
         samples, root = self._calibration_subset(None)
-        inputs = {"model_sha256": exported["sha256"], "images": self.host.images_key(samples, root),
+        inputs = {"model_sha256": exported.sha256, "images": self.host.images_key(samples, root),
                   "preprocess": self.preprocess.key(), "version": VERSIONS["equalize"]}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
-            result = equalize(Path(exported["path"]), stage_dir / "model.onnx",
+        def work(stage_dir: Path) -> EqualizeRecord:
+            result = equalize(Path(exported.path), stage_dir / "model.onnx",
                               self._image_batches(samples, root, "equalize"), threads=self.cfg.threads)
             path = stage_dir / "model.onnx"
-            return {"path": str(path), "sha256": file_sha256(path), "opset": exported.get("opset"),
-                    "pairs": result.pairs, "num_pairs": len(result.pairs),
-                    "channels_scaled": sum(p["scaled"] for p in result.pairs), "num_images": result.num_images,
-                    "seconds": result.seconds}
+            return EqualizeRecord(path=str(path), sha256=file_sha256(path), opset=exported.opset, pairs=result.pairs,
+                                  num_pairs=len(result.pairs), channels_scaled=sum(p["scaled"] for p in result.pairs),
+                                  num_images=result.num_images, seconds=result.seconds)
 
         return self.host.stage("equalize", inputs, work)
 
-    def balance(self) -> dict[str, Any]:
+    def balance(self) -> BalanceRecord:
         exported = self.host.get("export")
         q = self.cfg.quant
         samples, root = self._calibration_subset(q.balance_images)
-        inputs = {"model_sha256": exported["sha256"], "images": self.host.images_key(samples, root),
+        inputs = {"model_sha256": exported.sha256, "images": self.host.images_key(samples, root),
                   "strength": q.balance_strength, "preprocess": self.preprocess.key(), "version": VERSIONS["balance"]}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> BalanceRecord:
             path = stage_dir / "model.onnx"
-            result = balance(Path(exported["path"]), path, self._image_batches(samples, root, "balance"),
+            result = balance(Path(exported.path), path, self._image_batches(samples, root, "balance"),
                              strength=q.balance_strength, threads=self.cfg.threads)
-            return {"path": str(path), "sha256": file_sha256(path), "opset": exported.get("opset"),
-                    "chains": result.chains, "num_chains": len(result.chains),
-                    "channels": sum(c["channels"] for c in result.chains), "num_images": result.num_images,
-                    "seconds": result.seconds}
+            return BalanceRecord(path=str(path), sha256=file_sha256(path), opset=exported.opset, chains=result.chains,
+                                 num_chains=len(result.chains), channels=sum(c["channels"] for c in result.chains),
+                                 num_images=result.num_images, seconds=result.seconds)
 
         return self.host.stage("balance", inputs, work)
 
-    def refine(self) -> dict[str, Any]:
+    def refine(self) -> RefineRecord:
         source = self.host.get("optimize")
         quantized = self.host.get("quantize")
         q = self.cfg.quant
         samples, root = self._calibration_subset(q.refine_images)
         corr_samples, _ = self._calibration_subset(min(q.bias_correction_images, q.refine_images or 1 << 30))
-        inputs = {"fp32_sha256": source["sha256"], "int8_sha256": quantized["sha256"],
+        inputs = {"fp32_sha256": source.sha256, "int8_sha256": quantized.sha256,
                   "weight_rounding": q.weight_rounding, "bias_correction": bool(q.bias_correction),
                   "weight_scales": q.weight_scales,
                   "images": self.host.images_key(samples, root),
                   "correction_images": self.host.images_key(corr_samples, root) if q.bias_correction else None,
                   "preprocess": self.preprocess.key(), "version": VERSIONS["refine"]}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> RefineRecord:
             path = stage_dir / "model.int8.onnx"
-            reference = Path(source["path"])  # the rewritten fp32 graph the int8 model was quantized from
-            details = refine(reference, Path(quantized["path"]), path,
+            reference = Path(source.path)  # the rewritten fp32 graph the int8 model was quantized from
+            details = refine(reference, Path(quantized.path), path,
                              lambda: self._image_batches(samples, root, "refine"), weight_rounding=q.weight_rounding,
                              bias_correction=bool(q.bias_correction), threads=self.cfg.threads,
                              correction_batches=lambda: self._image_batches(corr_samples, root, None),
                              weight_scales=q.weight_scales)
-            return {"path": str(path), "sha256": file_sha256(path), "opset": quantized["opset"],
-                    "num_images": len(samples), "correction_images": len(corr_samples), **details}
+            return RefineRecord(path=str(path), sha256=file_sha256(path), opset=quantized.opset,
+                                num_images=len(samples), correction_images=len(corr_samples), **details)
 
         return self.host.stage("refine", inputs, work)
 
-    def budget(self) -> dict[str, Any]:
+    def budget(self) -> BudgetRecord:
         exported = self.host.get("export")
         source = self.host.get("optimize")
         calibrated = self.host.get("calibrate")
@@ -216,26 +216,26 @@ class AccuracyStages:
         if q.max_trials < 0:
             raise ConfigError(f"quant.max_trials={q.max_trials} must be >= 0")
         samples, root = self.tune_samples()
-        inputs = {"fp32_sha256": exported["sha256"], "source_sha256": source["sha256"],
-                  "ranges_sha256": calibrated["sha256"], "start_sha256": start["sha256"],
-                  "options": self.quant_options(), "method": calibrated["method"], "max_drop": q.max_drop,
+        inputs = {"fp32_sha256": exported.sha256, "source_sha256": source.sha256,
+                  "ranges_sha256": calibrated.sha256, "start_sha256": start.sha256,
+                  "options": self.quant_options(), "method": calibrated.method, "max_drop": q.max_drop,
                   "max_trials": q.max_trials, "images": self.host.images_key(samples, root),
                   "sensitivity_images": a.sensitivity_images, "preprocess": self.preprocess.key(),
                   "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["budget"]}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
-            tune = TuneSet(Path(exported["path"]),
+        def work(stage_dir: Path) -> BudgetRecord:
+            tune = TuneSet(Path(exported.path),
                            self.host.batches(samples, root, q.tune_batch_size, desc="budget: tuning set"),
                            threads=self.cfg.threads)
             ranking_images = samples[: a.sensitivity_images]
-            reference = Path(source["path"])
-            sensitivity = analyze(reference, Path(start["path"]),
+            reference = Path(source.path)
+            sensitivity = analyze(reference, Path(start.path),
                                   self._image_batches(ranking_images, root, None, a.sensitivity_batch_size), threads=self.cfg.threads)
             fp32_model = onnx.load(str(reference))
-            int8_nodes = [n.name for n in onnx.load(start["path"]).graph.node]
+            int8_nodes = [n.name for n in onnx.load(start.path).graph.node]
             ranking = rank_candidates(sensitivity, fp32_model, int8_nodes, already=q.nodes_to_exclude)
             del fp32_model
-            refined = onnx.load(start["path"]) if self._refining() else None
+            refined = onnx.load(start.path) if self._refining() else None
             trials_dir = stage_dir / "trials"
             trials_dir.mkdir()
             written: dict[tuple[str, ...], Path] = {}
@@ -243,10 +243,10 @@ class AccuracyStages:
             def trial(excluded: list[str]):
                 extra = [n for n in excluded if n not in set(q.nodes_to_exclude)]
                 if not extra:
-                    return tune.score(Path(start["path"]))
+                    return tune.score(Path(start.path))
                 path = trials_dir / f"trial{len(written) + 1}.int8.onnx"
-                ranges = self.host.get("quantize").get("ranges_path") or calibrated["path"]  # shared Concat ranges
-                quantize_model(Path(source["path"]), Path(ranges), path, method=calibrated["method"],
+                ranges = self.host.get("quantize").ranges_path or calibrated.path  # shared Concat ranges
+                quantize_model(Path(source.path), Path(ranges), path, method=calibrated.method,
                                optimize_graph=False, **self.quant_options(extra))
                 if refined is not None:  # carry GPTQ weights and corrected biases over to the nodes still int8
                     model = onnx.load(str(path))
@@ -258,28 +258,27 @@ class AccuracyStages:
             result = search(ranking, trial, float(q.max_drop), int(q.max_trials),
                             base_excluded=list(q.nodes_to_exclude))
             final = stage_dir / "model.int8.onnx"
-            shutil.copyfile(written.get(tuple(result.best.excluded), Path(start["path"])), final)
+            shutil.copyfile(written.get(tuple(result.best.excluded), Path(start.path)), final)
             shutil.rmtree(trials_dir)
-            record = {"path": str(final), "sha256": file_sha256(final), "opset": start["opset"],
-                      "start_path": start["path"], "start_sha256": start["sha256"],
-                      "tune_images": tune.num_images, "tune_fp32_top1": tune.fp32_top1,
-                      "ranking_images": len(ranking_images), **result.as_dict()}
-            record["ranking"] = record["ranking"][:30]
-            return record
+            found = result.as_dict()
+            found["ranking"] = found["ranking"][:30]
+            return BudgetRecord(path=str(final), sha256=file_sha256(final), opset=start.opset, start_path=start.path,
+                                start_sha256=start.sha256, tune_images=tune.num_images,
+                                tune_fp32_top1=tune.fp32_top1, ranking_images=len(ranking_images), **found)
 
         return self.host.stage("budget", inputs, work)
 
-    def sensitivity(self) -> dict[str, Any]:
+    def sensitivity(self) -> SensitivityRecord:
         source = self.host.get("optimize")
         final = self.final_int8()
         a = self.cfg.analysis
         samples, root = self._calibration_subset(a.sensitivity_images)
-        inputs = {"fp32_sha256": source["sha256"], "int8_sha256": final["sha256"],
+        inputs = {"fp32_sha256": source.sha256, "int8_sha256": final.sha256,
                   "images": self.host.images_key(samples, root),
                   "preprocess": self.preprocess.key(), "version": VERSIONS["sensitivity"]}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
-            result = analyze(Path(source["path"]), Path(final["path"]),
+        def work(stage_dir: Path) -> SensitivityRecord:
+            result = analyze(Path(source.path), Path(final.path),
                              self._image_batches(samples, root, "sensitivity", a.sensitivity_batch_size),
                              threads=self.cfg.threads)
             data = result.as_json()
@@ -289,34 +288,34 @@ class AccuracyStages:
                             [t.sqnr_db for t in result.tensors],
                             f"{self.cfg.model.name}: SQNR of each quantized activation vs fp32 "
                             f"({result.num_images} images; logits {_db(result.output_sqnr_db)} dB)")
-            return {"json": str(stage_dir / "sensitivity.json"), "png": str(png),
-                    "output_sqnr_db": data["output_sqnr_db"], "num_images": result.num_images,
-                    "num_tensors": len(result.tensors), "seconds": result.seconds,
-                    "reference": ("equalized " if self.cfg.quant.equalize else "")
-                    + "fp32 model as the quantizer saw it (after the optimize stage)",
-                    "worst": [t.as_json() for t in ranked[: a.sensitivity_top]],
-                    "most_added": [t.as_json() for t in result.by_added()[: a.sensitivity_top]],
-                    "table": render_table(result, a.sensitivity_top)}
+            return SensitivityRecord(
+                json=str(stage_dir / "sensitivity.json"), png=str(png), output_sqnr_db=data["output_sqnr_db"],
+                num_images=result.num_images, num_tensors=len(result.tensors), seconds=result.seconds,
+                reference=("equalized " if self.cfg.quant.equalize else "")
+                + "fp32 model as the quantizer saw it (after the optimize stage)",
+                worst=[t.as_json() for t in ranked[: a.sensitivity_top]],
+                most_added=[t.as_json() for t in result.by_added()[: a.sensitivity_top]],
+                table=render_table(result, a.sensitivity_top))
 
         return self.host.stage("sensitivity", inputs, work)
 
-    def speed(self) -> dict[str, Any]:
+    def speed(self) -> SpeedRecord:
         exported = self.host.get("export")
         final = self.final_int8()
         a = self.cfg.analysis
-        models = {"fp32": exported, "int8": final}
+        models = {"fp32": (exported.path, exported.sha256), "int8": (final.path, final.sha256)}  # path, sha256
         budget = self.records.get("budget")
-        if budget is not None and budget.get("excluded"):
-            models["int8_all_quantized"] = {"path": budget["start_path"], "sha256": budget["start_sha256"]}
-        inputs = {"models": {k: v["sha256"] for k, v in models.items()}, "batch_size": a.speed_batch_size,
+        if budget is not None and budget.excluded:
+            models["int8_all_quantized"] = (budget.start_path, budget.start_sha256)
+        inputs = {"models": {name: sha256 for name, (_, sha256) in models.items()}, "batch_size": a.speed_batch_size,
                   "runs": a.speed_runs, "threads": self.cfg.threads, "cpu": cpu_name(),
                   "onnxruntime": metadata.version("onnxruntime"), "version": VERSIONS["speed"],
                   "image_size": self.preprocess.crop}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
-            latency = measure({k: Path(v["path"]) for k, v in models.items()}, batch_size=a.speed_batch_size,
+        def work(stage_dir: Path) -> SpeedRecord:
+            latency = measure({name: Path(path) for name, (path, _) in models.items()}, batch_size=a.speed_batch_size,
                               threads=self.cfg.threads, runs=a.speed_runs, image_size=self.preprocess.crop)
-            return {**latency.as_dict(), "int8_speedup": latency.speedup["int8"]}
+            return SpeedRecord(**latency.as_dict(), int8_speedup=latency.speedup["int8"])
 
         return self.host.stage("speed", inputs, work)
 

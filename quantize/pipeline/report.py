@@ -12,11 +12,12 @@ from quantize.config import Config
 
 from quantize.core.artifacts import write_json, write_text
 from quantize.data.preprocess import Preprocess
+from quantize.pipeline.records import EvaluateRecord, StageRecord
 
 log = logging.getLogger(__name__)
 
 
-def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict[str, str]) -> dict[str, Any]:
+def build_report(cfg: Config, records: dict[str, StageRecord], versions: dict[str, str]) -> dict[str, Any]:
     export, calib, quant, ev = (records[s] for s in ("export", "calibrate", "quantize", "evaluate"))
     final = records.get("budget") or records.get("refine") or quant  # the int8 model that was evaluated
     ref = asdict(cfg.model.reference)
@@ -27,36 +28,36 @@ def build_report(cfg: Config, records: dict[str, dict[str, Any]], versions: dict
     return {
         "model": cfg.model.name,
         "source": cfg.model.source,
-        "calib": {"method": calib["method"], "num_images": calib["num_images"],
-                  "num_images_requested": calib.get("num_images_requested"), "skipped": calib.get("skipped"),
-                  "seconds": calib["seconds"],
-                  "peak_rss_mb": calib["peak_rss_mb"], "percentile": cfg.calib.percentile
-                  if calib["method"] == "percentile" else None, "root": calib["root"], "list": calib.get("list"),
-                  "list_sha256": calib.get("list_sha256"), "cached": calib["cached"]},
-        "fp32": ev["fp32"],
-        "int8": ev["int8"],
-        "drop_top1": ev["fp32"]["top1"] - ev["int8"]["top1"],
-        "agreement_top1": ev["agreement_top1"],
+        "calib": {"method": calib.method, "num_images": calib.num_images,
+                  "num_images_requested": calib.num_images_requested, "skipped": calib.skipped,
+                  "seconds": calib.seconds,
+                  "peak_rss_mb": calib.peak_rss_mb, "percentile": cfg.calib.percentile
+                  if calib.method == "percentile" else None, "root": calib.root, "list": calib.list,
+                  "list_sha256": calib.list_sha256, "cached": calib.cached},
+        "fp32": ev.fp32,
+        "int8": ev.int8,
+        "drop_top1": ev.fp32["top1"] - ev.int8["top1"],
+        "agreement_top1": ev.agreement_top1,
         # the runtime fp32 and int8 ran in (records from before the choice existed were ONNX Runtime's)
-        "runtime": ev.get("runtime") or {"name": "onnxruntime", "version": versions.get("onnxruntime")},
-        "eval": {"num_images": ev["num_images"], "root": ev["root"], "seconds": ev["seconds"],
-                 "limit": ev.get("limit"), "skipped": ev.get("skipped"),
-                 "images_per_second": ev["images_per_second"],
-                 "stage_images_per_second": ev.get("stage_images_per_second"),
-                 "minutes_for_50000": ev.get("minutes_for_50000"), "fp32_reused": ev.get("fp32_reused")},
+        "runtime": ev.runtime or {"name": "onnxruntime", "version": versions.get("onnxruntime")},
+        "eval": {"num_images": ev.num_images, "root": ev.root, "seconds": ev.seconds,
+                 "limit": ev.limit, "skipped": ev.skipped,
+                 "images_per_second": ev.images_per_second,
+                 "stage_images_per_second": ev.stage_images_per_second,
+                 "minutes_for_50000": ev.minutes_for_50000, "fp32_reused": ev.fp32_reused},
         "reference": {"top1": ref["top1"], "top5": ref["top5"], "source": ref["source"]},
-        "preprocess": preprocess_block(cfg, export.get("path")),
-        "export": {"max_abs_diff": export["max_abs_diff"], "seconds": export["seconds"]},
-        "complexity": {"params_m": export.get("params_m"), "ops_m": export.get("ops_m"),
-                       "ops_kind": export.get("ops_kind"), "reference_params_m": ref.get("params_m"),
+        "preprocess": preprocess_block(cfg, export.path),
+        "export": {"max_abs_diff": export.max_abs_diff, "seconds": export.seconds},
+        "complexity": {"params_m": export.params_m, "ops_m": export.ops_m,
+                       "ops_kind": export.ops_kind, "reference_params_m": ref.get("params_m"),
                        "reference_ops_m": ref.get("flops_m")},
         "quant": {"format": cfg.quant.format, "activation_type": cfg.quant.activation_type,
                   "weight_type": cfg.quant.weight_type, "per_channel": cfg.quant.per_channel,
-                  "seconds": quant["seconds"]},
-        "onnx": {"fp32_path": export["path"], "fp32_opset": export["opset"], "fp32_sha256": export["sha256"],
-                 "int8_path": final["path"], "int8_opset": quant["opset"], "int8_sha256": final["sha256"],
-                 "int8_quantizer_path": quant["path"]},
-        "stages": {name: {"dir": r["dir"], "cached": r["cached"], "seconds": r.get("stage_seconds")}
+                  "seconds": quant.seconds},
+        "onnx": {"fp32_path": export.path, "fp32_opset": export.opset, "fp32_sha256": export.sha256,
+                 "int8_path": final.path, "int8_opset": quant.opset, "int8_sha256": final.sha256,
+                 "int8_quantizer_path": quant.path},
+        "stages": {name: {"dir": r.dir, "cached": r.cached, "seconds": r.stage_seconds}
                    for name, r in records.items()},
         **accuracy_sections(cfg, records, ev),
         "config": asdict(cfg),
@@ -86,7 +87,7 @@ def _input_name(onnx_path: str | None) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-def accuracy_sections(cfg: Config, records: dict[str, dict[str, Any]], ev: dict[str, Any]) -> dict[str, Any]:
+def accuracy_sections(cfg: Config, records: dict[str, StageRecord], ev: EvaluateRecord) -> dict[str, Any]:
     """Report fields of the accuracy stages (quantize.pipeline.accuracy_stages); each is null when its stage did not run."""
     q = cfg.quant
     methods: dict[str, Any] = {"equalize": bool(q.equalize), "balance": bool(q.balance),
@@ -95,29 +96,29 @@ def accuracy_sections(cfg: Config, records: dict[str, dict[str, Any]], ev: dict[
                                "bias_correction": bool(q.bias_correction), "label": method_label(cfg)}
     if "balance" in records:
         r = records["balance"]
-        methods["balance_details"] = {"chains": r["num_chains"], "channels": r["channels"],
-                                      "num_images": r["num_images"], "seconds": r["seconds"]}
-    shared = records.get("quantize", {}).get("shared_ranges")
+        methods["balance_details"] = {"chains": r.num_chains, "channels": r.channels, "num_images": r.num_images,
+                                      "seconds": r.seconds}
+    shared = records["quantize"].shared_ranges if "quantize" in records else None
     if shared is not None:
         methods["shared_ranges_details"] = shared
     if "equalize" in records:
         e = records["equalize"]
-        methods["equalize_details"] = {"pairs": e["num_pairs"], "channels_scaled": e["channels_scaled"],
-                                       "seconds": e["seconds"]}
+        methods["equalize_details"] = {"pairs": e.num_pairs, "channels_scaled": e.channels_scaled,
+                                       "seconds": e.seconds}
     refine = records.get("refine")
-    if refine is not None and "weight_scales" in refine:
-        w = refine["weight_scales"]
+    if refine is not None and refine.weight_scales is not None:
+        w = refine.weight_scales
         methods["weight_scales_details"] = {
             "layers": w["layers"], "channels_changed": w["channels_changed"],
             "error_max_scale": w["error_max_scale"], "error_searched": w["error_searched"], "seconds": w["seconds"]}
-    if refine is not None and "weight_rounding" in refine:
-        w = refine["weight_rounding"]
+    if refine is not None and refine.weight_rounding is not None:
+        w = refine.weight_rounding
         methods["weight_rounding_details"] = {
             "layers": w["layers"], "layer_sqnr_nearest_db": w["output_error_nearest_db"],
             "layer_sqnr_gptq_db": w["output_error_gptq_db"], "changed_fraction": w["changed_fraction"],
             "seconds": w["seconds"], "skipped": w["skipped"]}
-    if refine is not None and "bias_correction" in refine:
-        b = refine["bias_correction"]
+    if refine is not None and refine.bias_correction is not None:
+        b = refine.bias_correction
         methods["bias_correction_details"] = {
             "nodes": len(b["nodes"]), "relative_error_before": b["relative_error_before"],
             "relative_error_after": b["relative_error_after"], "mean_abs_error_before": b["mean_abs_error_before"],
@@ -126,27 +127,28 @@ def accuracy_sections(cfg: Config, records: dict[str, dict[str, Any]], ev: dict[
     budget = None
     if "budget" in records:
         r = records["budget"]
-        budget = {"max_drop": r["max_drop"], "max_trials": r["max_trials"], "met": r["met"],
-                  "fp32_nodes": r["excluded"], "tune_images": r["tune_images"], "tune_fp32_top1": r["tune_fp32_top1"],
+        budget = {"max_drop": r.max_drop, "max_trials": r.max_trials, "met": r.met, "fp32_nodes": r.excluded,
+                  "tune_images": r.tune_images, "tune_fp32_top1": r.tune_fp32_top1,
                   "trials": [{"number": t["number"], "candidate": t["candidate"], "kept": t["kept"], **t["score"],
-                              "fp32_nodes": len(t["excluded"])} for t in r["trials"]],
-                  "ranking": r["ranking"]}
+                              "fp32_nodes": len(t["excluded"])} for t in r.trials],
+                  "ranking": r.ranking}
     sensitivity = None
     if "sensitivity" in records:
         r = records["sensitivity"]
-        sensitivity = {key: r[key] for key in ("output_sqnr_db", "num_images", "num_tensors", "reference", "worst",
-                                               "most_added", "table", "json", "png")}
+        sensitivity = {"output_sqnr_db": r.output_sqnr_db, "num_images": r.num_images, "num_tensors": r.num_tensors,
+                       "reference": r.reference, "worst": r.worst, "most_added": r.most_added, "table": r.table,
+                       "json": r.json, "png": r.png}
     speed = None
     if "speed" in records:
         r = records["speed"]
-        speed = {"batch_size": r["batch_size"], "threads": r["threads"], "runs": r["runs"], "ms": r["ms"],
-                 "ms_min": r["ms_min"], "speedup": r["speedup"], "speedup_fastest": r["speedup_fastest"],
-                 "int8_speedup": r["int8_speedup"], "cpu": r["cpu"]}
-        if budget is not None and "int8_all_quantized" in r["speedup"]:
-            budget["speedup_before"] = r["speedup"]["int8_all_quantized"]
-            budget["speedup_after"] = r["speedup"]["int8"]
+        speed = {"batch_size": r.batch_size, "threads": r.threads, "runs": r.runs, "ms": r.ms, "ms_min": r.ms_min,
+                 "speedup": r.speedup, "speedup_fastest": r.speedup_fastest, "int8_speedup": r.int8_speedup,
+                 "cpu": r.cpu}
+        if budget is not None and "int8_all_quantized" in r.speedup:
+            budget["speedup_before"] = r.speedup["int8_all_quantized"]
+            budget["speedup_after"] = r.speedup["int8"]
     return {"methods": methods, "budget": budget, "sensitivity": sensitivity, "speed": speed,
-            "sampling": sampling_error(ev["num_images"], ev["agreement_top1"])}
+            "sampling": sampling_error(ev.num_images, ev.agreement_top1)}
 
 
 def sampling_error(num_images: int, agreement: float) -> dict[str, Any]:
@@ -321,7 +323,7 @@ def render_accuracy(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, cfg: Config, records: dict[str, dict[str, Any]],
+def write_report(run_dir: Path, cfg: Config, records: dict[str, StageRecord],
                  versions: dict[str, str]) -> dict[str, Any]:
     report = build_report(cfg, records, versions)
     if report.get("sensitivity") and Path(report["sensitivity"]["png"]).is_file():

@@ -40,6 +40,8 @@ from quantize.stages.export import Exported, export_onnx, import_onnx
 from quantize.graph.optimize import VERSION as GRAPH_OPT_VERSION, optimize as optimize_graph
 from quantize.data.image_list import match_image_list, read_image_list
 from quantize.data.preprocess import Preprocess
+from quantize.pipeline.records import (RECORDS, CalibrateRecord, EvaluateRecord, ExportRecord, OptimizeRecord,
+                                       QuantizeRecord, StageRecord)
 from quantize.pipeline.report import write_report
 from quantize.stages.static_quant import quantize_model
 
@@ -98,9 +100,9 @@ def _require_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"set {key}=... (required by this config)") from None
 
 
-def _exported_record(exported: Exported) -> dict[str, Any]:
-    return {"path": str(exported.path), "opset": exported.opset, "max_abs_diff": exported.max_abs_diff,
-            "seconds": exported.seconds, "sha256": file_sha256(exported.path)}
+def _export_record(exported: Exported, **variant: Any) -> ExportRecord:
+    return ExportRecord(path=str(exported.path), opset=exported.opset, max_abs_diff=exported.max_abs_diff,
+                        seconds=exported.seconds, sha256=file_sha256(exported.path), **variant)
 
 
 PREDICTIONS = "top5.npy"
@@ -155,7 +157,7 @@ class Pipeline:
         self.model_dir = Path(cfg.work_dir) / cfg.model.name
         # The model's own eval transform, checked now: a bad setting stops the run before any stage (one line).
         self.preprocess = Preprocess.from_config(cfg.model.preprocess)
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, StageRecord] = {}
         self._sample_cache: dict[tuple, list[Sample]] = {}
         self._listings: dict[tuple, SampleList] = {}
         self._warned: set[tuple] = set()
@@ -166,7 +168,7 @@ class Pipeline:
         # Asking for a runtime that is not installed fails now, with the install command, not after the export.
         self.runtime = get_runtime(cfg.eval.runtime)
 
-    def get(self, stage: str) -> dict[str, Any]:
+    def get(self, stage: str) -> StageRecord:
         """The record of ``stage`` in this run, running (or reusing) the stage first if needed."""
         if stage not in self.records:
             owner = self if stage in ("export", "optimize", "calibrate", "quantize", "evaluate") else self.accuracy
@@ -212,10 +214,10 @@ class Pipeline:
         """What a stage reading these images depends on: the root, the names, labels and bytes of the images."""
         return samples_digest(samples, root, self.digests)
 
-    def data_notes(self, section: CalibConfig | EvalConfig) -> dict[str, Any]:
-        """Report fields about a section's folder: the files it holds that were skipped, and why."""
+    def skipped_files(self, section: CalibConfig | EvalConfig) -> dict[str, Any]:
+        """The files of a section's folder that were skipped, and why (for the report)."""
         listing, _ = self._listing(section)
-        return {"skipped": listing.skipped_summary()}
+        return listing.skipped_summary()
 
     def calibration_samples(self) -> tuple[list[Sample], Path, dict[str, Any]]:
         """The committed list when the calibration folder holds its images, else a class-balanced selection."""
@@ -248,24 +250,31 @@ class Pipeline:
         return iter_batches(samples, batch_size, self.preprocess, workers=self.cfg.data.workers, desc=desc)
 
     # --- stage plumbing ---------------------------------------------------------------------------------------
-    def stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def stage(self, stage: str, inputs: dict[str, Any], work: Callable[[Path], StageRecord]) -> StageRecord:
         key = key_of(inputs)
         stage_dir = self.model_dir / f"{stage}-{key}"
         with stage_lock(self.model_dir / f".{stage}-{key}.lock", stage):
             record = self._run_or_reuse(stage, stage_dir, key, inputs, work)
-        record["dir"] = str(stage_dir)
+        record.dir = str(stage_dir)
         self.records[stage] = record
         return record
 
     def _run_or_reuse(self, stage: str, stage_dir: Path, key: str, inputs: dict[str, Any],
-                      work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+                      work: Callable[[Path], StageRecord]) -> StageRecord:
         record_path = stage_dir / "record.json"
         if stage_dir.is_symlink():  # read, written and maybe deleted below: never through a link out of work_dir
             raise ConfigError(f"{stage_dir} is a symlink (to {stage_dir.resolve()}); stages read and write only "
                               f"inside work_dir={self.cfg.work_dir}: remove the link")
         if record_path.exists() and stage not in self.force:
-            log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
-            return {**read_json(record_path), "cached": True}
+            try:
+                record = RECORDS[stage].from_json(read_json(record_path))
+            except TypeError as exc:  # written by a version that recorded less: computed again, like a new version
+                log.warning("%s: %s lacks what this version records (%s); computing the stage again", stage,
+                            record_path, exc)
+            else:
+                log.info("%s: reused %s (inputs unchanged)", stage, stage_dir)
+                record.cached = True
+                return record
         if stage in STAGES and stage not in self.stages:  # the others run whenever the config asks for them
             raise ConfigError(f"stage '{stage}' is not in stages= and nothing is cached for these inputs; "
                               f"add it: stages=[{','.join(s for s in STAGES if s in self.stages or s == stage)}]")
@@ -275,13 +284,13 @@ class Pipeline:
             shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
         record = work(stage_dir)
-        record.update(key=key, inputs=inputs, stage_seconds=time.perf_counter() - started)
-        write_json(record_path, record)  # last: its presence marks the stage complete
-        log.info("%s: done in %.1f s", stage, record["stage_seconds"])
-        return {**record, "cached": False}
+        record.key, record.inputs, record.stage_seconds = key, inputs, time.perf_counter() - started
+        write_json(record_path, record.to_json())  # last: its presence marks the stage complete
+        log.info("%s: done in %.1f s", stage, record.stage_seconds)
+        return record
 
     # --- stages -----------------------------------------------------------------------------------------------
-    def export(self) -> dict[str, Any]:
+    def export(self) -> ExportRecord:
         m = self.cfg.model
         if m.arch == "onnx":
             return self._import_onnx()
@@ -296,7 +305,7 @@ class Pipeline:
                   "check_images_key": self.images_key(*self._check_samples()),  # the recorded difference's images
                   "torch": metadata.version("torch")}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> ExportRecord:
             from quantize.models.complexity import count_ops, count_parameters  # torch is only needed here (~470 MiB resident)
             from quantize.models.registry import build_model
 
@@ -306,12 +315,12 @@ class Pipeline:
                                    opset=self.cfg.export.opset, tolerance=self.cfg.export.tolerance,
                                    threads=self.cfg.threads)
             ref = m.reference
-            return {**_exported_record(exported), "params_m": count_parameters(model, ref.params_kind) / 1e6,
-                    "ops_m": count_ops(model, ref.flops_kind) / 1e6, "ops_kind": ref.flops_kind}
+            return _export_record(exported, params_m=count_parameters(model, ref.params_kind) / 1e6,
+                                  ops_m=count_ops(model, ref.flops_kind) / 1e6, ops_kind=ref.flops_kind)
 
         return self.stage("export", inputs, work)
 
-    def _import_onnx(self) -> dict[str, Any]:
+    def _import_onnx(self) -> ExportRecord:
         source = Path(self.cfg.model.path).expanduser()
         if not source.is_file():
             raise ConfigError(f"model.path={self.cfg.model.path} does not exist")
@@ -319,10 +328,10 @@ class Pipeline:
                   "check_images": self.cfg.export.check_images, "preprocess": self.preprocess.key(),
                   "check_images_key": self.images_key(*self._check_samples())}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> ExportRecord:
             imported = import_onnx(source, stage_dir / "model.onnx", self._check_batch(),
                                    num_classes=self.cfg.model.num_classes, threads=self.cfg.threads)
-            return {**_exported_record(imported), "source": str(source)}
+            return _export_record(imported, source=str(source))
 
         return self.stage("export", inputs, work)
 
@@ -335,116 +344,114 @@ class Pipeline:
         return self.samples(self.cfg.calib, self.cfg.export.check_images, self.cfg.calib.seed,
                             asked="export.check_images")
 
-    def optimize(self) -> dict[str, Any]:
+    def optimize(self) -> OptimizeRecord:
         """The fp32 graph after the exact rewrites of ``quantize.graph``: what calibration, quantization and the
         accuracy methods all read."""
         source = self.accuracy.fp32_source()  # the export, or its equalized copy (quant.equalize)
-        inputs = {"model_sha256": source["sha256"], "graph_opt": GRAPH_OPT_VERSION}
+        inputs = {"model_sha256": source.sha256, "graph_opt": GRAPH_OPT_VERSION}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> OptimizeRecord:
             started = time.perf_counter()
-            model, report = optimize_graph(onnx.load(source["path"]))
+            model, report = optimize_graph(onnx.load(source.path))
             path = stage_dir / "model.onnx"
             with atomic_path(path) as tmp:
                 onnx.save(model, str(tmp))
             rewrites = report.as_dict()
             log.info("optimize: %s", ", ".join(f"{k} {v}" for k, v in rewrites.items()) or "nothing to rewrite")
-            return {"path": str(path), "sha256": file_sha256(path), "opset": source.get("opset"),
-                    "rewrites": rewrites, "seconds": time.perf_counter() - started}
+            return OptimizeRecord(path=str(path), sha256=file_sha256(path), opset=source.opset, rewrites=rewrites,
+                                  seconds=time.perf_counter() - started)
 
         return self.stage("optimize", inputs, work)
 
-    def calibrate(self) -> dict[str, Any]:
+    def calibrate(self) -> CalibrateRecord:
         exported = self.get("optimize")
         c = self.cfg.calib
         samples, root, image_list = self.calibration_samples()
-        inputs = {"model_sha256": exported["sha256"], "method": c.method, "num_images": c.num_images,
+        inputs = {"model_sha256": exported.sha256, "method": c.method, "num_images": c.num_images,
                   # only versions past 1 enter the key: cached calibrations of methods that never changed stay valid
                   **({"method_version": METHOD_VERSIONS[c.method]} if METHOD_VERSIONS.get(c.method, 1) > 1 else {}),
                   "percentile": c.percentile if c.method == "percentile" else None,
                   "num_bins": c.num_bins if c.method != "minmax" else None, "seed": c.seed,
                   "images": self.images_key(samples, root), "preprocess": self.preprocess.key()}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> CalibrateRecord:
             images = (batch for batch, _ in self.batches(samples, root, c.batch_size, desc="calibrate"))
-            result = calibrate(Path(exported["path"]), images, method=c.method, percentile=c.percentile,
+            result = calibrate(Path(exported.path), images, method=c.method, percentile=c.percentile,
                                num_bins=c.num_bins, threads=self.cfg.threads, optimize_graph=False)
             ranges_path = stage_dir / "ranges.json"
             save_ranges(result, ranges_path)
-            return {"path": str(ranges_path), "sha256": file_sha256(ranges_path), "method": result.method,
-                    "num_images": result.num_images, "num_tensors": len(result.ranges), "seconds": result.seconds,
-                    "peak_rss_mb": result.peak_rss_mb, "root": str(root), "measured_tensors": result.measured,
-                    **image_list}
+            return CalibrateRecord(path=str(ranges_path), sha256=file_sha256(ranges_path), method=result.method,
+                                   num_images=result.num_images, num_tensors=len(result.ranges),
+                                   seconds=result.seconds, peak_rss_mb=result.peak_rss_mb, root=str(root),
+                                   measured_tensors=result.measured, **image_list)
 
         record = self.stage("calibrate", inputs, work)
-        record.update(self.data_notes(c), num_images_requested=c.num_images)
+        record.skipped, record.num_images_requested = self.skipped_files(c), c.num_images
         return record
 
-    def quantize(self) -> dict[str, Any]:
+    def quantize(self) -> QuantizeRecord:
         exported = self.get("optimize")
         calibrated = self.get("calibrate")
         options = self.accuracy.quant_options()
         shared = bool(self.cfg.quant.shared_concat_ranges)
-        inputs = {"model_sha256": exported["sha256"], "ranges_sha256": calibrated["sha256"],
-                  "method": calibrated["method"], **options, "onnxruntime": metadata.version("onnxruntime"),
+        inputs = {"model_sha256": exported.sha256, "ranges_sha256": calibrated.sha256,
+                  "method": calibrated.method, **options, "onnxruntime": metadata.version("onnxruntime"),
                   # only when on: quantizations cached before the option existed keep their key
                   **({"shared_concat_ranges": True} if shared else {})}
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> QuantizeRecord:
             started = time.perf_counter()
-            ranges, extra = Path(calibrated["path"]), {}
+            ranges, shared_ranges = Path(calibrated.path), None
             if shared:
                 ranges = stage_dir / "ranges.shared.json"
-                extra = {"ranges_path": str(ranges),
-                         "shared_ranges": share_concat_ranges(onnx.load(exported["path"]), Path(calibrated["path"]),
-                                                              ranges)}
-            result = quantize_model(Path(exported["path"]), ranges, stage_dir / "model.int8.onnx",
-                                    method=calibrated["method"], optimize_graph=False, **options)
-            return {"path": str(result.path), "opset": result.opset, "seconds": time.perf_counter() - started,
-                    "sha256": file_sha256(result.path), **extra}
+                shared_ranges = share_concat_ranges(onnx.load(exported.path), Path(calibrated.path), ranges)
+            result = quantize_model(Path(exported.path), ranges, stage_dir / "model.int8.onnx",
+                                    method=calibrated.method, optimize_graph=False, **options)
+            return QuantizeRecord(path=str(result.path), opset=result.opset, seconds=time.perf_counter() - started,
+                                  sha256=file_sha256(result.path), ranges_path=str(ranges) if shared else None,
+                                  shared_ranges=shared_ranges)
 
         return self.stage("quantize", inputs, work)
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self) -> EvaluateRecord:
         exported = self.get("export")
         quantized = self.accuracy.final_int8()  # after refine/budget when those are configured
         e = self.cfg.eval
         samples, root = self.accuracy.eval_samples()  # without the budget's tuning images
         images = self.images_key(samples, root)
         runtime = self.runtime
-        inputs = {"fp32_sha256": exported["sha256"], "int8_sha256": quantized["sha256"],
+        inputs = {"fp32_sha256": exported.sha256, "int8_sha256": quantized.sha256,
                   "images": images, "limit": e.limit, "seed": e.seed, "preprocess": self.preprocess.key(),
                   # another runtime's figures are other figures; ONNX Runtime's keys predate the choice
                   **({} if runtime.name == DEFAULT_RUNTIME else {"runtime": runtime.key()})}
         # The fp32 predictions are kept per runtime and version ({"onnxruntime": "1.32.0"}, {"openvino": ...}).
         reference = self.model_dir / "fp32-predictions-{}".format(key_of({
-            "fp32_sha256": exported["sha256"], "images": images, "preprocess": self.preprocess.key(),
+            "fp32_sha256": exported.sha256, "images": images, "preprocess": self.preprocess.key(),
             **runtime.key()}))
 
-        def work(stage_dir: Path) -> dict[str, Any]:
+        def work(stage_dir: Path) -> EvaluateRecord:
             known = None if "evaluate" in self.force else _load_predictions(reference, len(samples))
-            models = {"int8": Path(quantized["path"])}
+            models = {"int8": Path(quantized.path)}
             if known is None:
-                models = {"fp32": Path(exported["path"]), **models}
+                models = {"fp32": Path(exported.path), **models}
             else:
                 log.info("evaluate: fp32 predictions on these images reused from %s; running int8 only", reference)
             result = evaluate(models, self.batches(samples, root, e.batch_size, desc="evaluate"),
                               threads=self.cfg.threads, known={"fp32": known} if known is not None else None,
                               runtime=runtime.name)
             if known is None:
-                _save_predictions(reference, result.predictions["fp32"], exported["sha256"])
-            return {"num_images": result.num_images, "root": str(root), "runtime": result.runtime,
-                    "fp32": {"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
-                    "int8": {"top1": result.top1["int8"], "top5": result.top5["int8"]},
-                    "agreement_top1": result.agreement_top1, "seconds": result.seconds,
-                    "fp32_predictions": str(reference), "fp32_reused": known is not None,
-                    "images_per_second": result.images_per_second,
-                    "stage_images_per_second": result.stage_images_per_second,
-                    "stage_seconds": result.stage_seconds, "threads": result.threads,
-                    "minutes_for_50000": FULL_VAL / result.images_per_second / 60}
+                _save_predictions(reference, result.predictions["fp32"], exported.sha256)
+            return EvaluateRecord(num_images=result.num_images, root=str(root), runtime=result.runtime,
+                                  fp32={"top1": result.top1["fp32"], "top5": result.top5["fp32"]},
+                                  int8={"top1": result.top1["int8"], "top5": result.top5["int8"]},
+                                  agreement_top1=result.agreement_top1, seconds=result.seconds,
+                                  fp32_predictions=str(reference), fp32_reused=known is not None,
+                                  images_per_second=result.images_per_second,
+                                  stage_images_per_second=result.stage_images_per_second, threads=result.threads,
+                                  minutes_for_50000=FULL_VAL / result.images_per_second / 60)
 
         record = self.stage("evaluate", inputs, work)
-        record.update(self.data_notes(e), limit=e.limit)
+        record.skipped, record.limit = self.skipped_files(e), e.limit
         return record
 
     def run(self) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -27,6 +27,7 @@ from typing import Iterable
 import numpy as np
 
 from quantize.core.inference import DEFAULT, get_runtime
+from quantize.core.prefetch import thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
         labels, got = in_flight.popleft()
         tally.add(labels, {name: top.result() if isinstance(top, Future) else top for name, top in got.items()})
 
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evaluate")
-    try:
+    with thread_pool(workers, "evaluate") as pool:
         item, seen = first, 0
         while item is not None:
             images = np.ascontiguousarray(item[0], dtype=np.float32)
@@ -178,8 +178,6 @@ def evaluate(models: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.nda
             input_seconds += time.perf_counter() - t0
         while in_flight:
             score_oldest()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - started
     count = tally.count
     if count == 0:

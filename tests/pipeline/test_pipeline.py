@@ -414,12 +414,12 @@ def test_every_stage_can_be_named_and_the_graph_rewrite_is_its_own_cached_stage(
     first = Pipeline(compose_config(tiny_overrides(data, work, "stages=[export,optimize]")), tmp_path / "r1")
     assert first.run() is None and set(first.records) == {"export", "optimize"}
     optimized = first.records["optimize"]
-    assert optimized["rewrites"] and optimized["sha256"] != first.records["export"]["sha256"]
+    assert optimized.rewrites and optimized.sha256 != first.records["export"].sha256
     # the full run reads the cached rewrite; naming an optional stage runs it without its config switch
     full = Pipeline(compose_config(tiny_overrides(data, work, "stages=[calibrate,quantize,sensitivity]",
                                                   "analysis.sensitivity_images=2")), tmp_path / "r2")
     full.run()
-    assert full.records["optimize"]["cached"] and not full.records["sensitivity"]["cached"]
-    assert full.records["calibrate"]["inputs"]["model_sha256"] == optimized["sha256"]
+    assert full.records["optimize"].cached and not full.records["sensitivity"].cached
+    assert full.records["calibrate"].inputs["model_sha256"] == optimized.sha256
     with pytest.raises(ConfigError, match="unknown stage.*stages are export, equalize, balance, optimize"):
         Pipeline(compose_config(tiny_overrides(data, work, "stages=[graph_opt]")), tmp_path / "r3")
