@@ -114,19 +114,22 @@ def _num(value: Any, digits: int = 2) -> str:
 def summary(results: dict[str, dict[str, Any] | str]) -> str:
     lines = ["# Release summary", "",
              "| model | source | fp32 top-1 | fp32 top-5 | int8 top-1 | int8 top-5 | drop | reference top-1 / top-5 "
-             "| params (M) | compute (M) | int8 speedup |",
+             "| params (M) | compute (M) | int8 / fp32 speed (ONNX Runtime) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if isinstance(r, str):
             lines.append(f"| {name} | failed: {r} | | | | | | | | | |")
             continue
         ref, cx = r["reference"], r["complexity"]
-        speedup = (r.get("speed") or {}).get("int8_speedup")
+        speed = r.get("speed") or {}
+        speedup = speed.get("int8_speedup")
+        if speedup:  # the batch it was timed at, as make bench-zoo's columns say it
+            speedup_note = f" (b{speed.get('batch_size', '?')})"
         lines.append(
             f"| {name} | {r['source']} | {_num(r['fp32']['top1'])} | {_num(r['fp32']['top5'])} | "
             f"{_num(r['int8']['top1'])} | {_num(r['int8']['top5'])} | {_num(r['drop_top1'])} | "
             f"{_num(ref['top1'], 3)} / {_num(ref['top5'], 3)} | {_num(cx['params_m'], 3)} | "
-            f"{_num(cx['ops_m'], 1)} {cx['ops_kind'] or ''} | {_num(speedup)}{'×' if speedup else ''} |")
+            f"{_num(cx['ops_m'], 1)} {cx['ops_kind'] or ''} | {_num(speedup)}{'×' + speedup_note if speedup else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,7 @@ def test_release_writes_each_model_then_a_rerun_changes_no_byte(tmp_path, caplog
     assert f"{published['acc@1']} / {published['acc@5']}" in summary
     speed = json.loads((model_dir / "report.json").read_text())["speed"]
     assert speed["int8_speedup"] == pytest.approx(speed["ms"]["fp32"] / speed["ms"]["int8"])
-    assert summary.rstrip().endswith(f"| {speed['int8_speedup']:.2f}× |")
+    assert summary.rstrip().endswith(f"| {speed['int8_speedup']:.2f}× (b{speed['batch_size']}) |")
     assert oct(os.stat(model_dir / "model.onnx").st_mode & 0o077) != "0o0"  # readable by others (umask)
 
     before = tree(out)
