@@ -160,6 +160,17 @@ def _power(values: np.ndarray) -> float:
     return float(np.dot(flat, flat))
 
 
+def _fp32_channels(q: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``q`` with the channels the fp32 tensor has: ``graph.channel_padding`` appends zero channels (axis 1) to
+    some tensors of the graph the int8 model is built from, which an fp32 model without that rewrite lacks."""
+    if q.shape == shape:
+        return q
+    if (q.ndim == len(shape) > 1 and q.shape[0] == shape[0] and q.shape[2:] == shape[2:] and q.shape[1] > shape[1]
+            and not q[:, shape[1]:].any()):
+        return q[:, :shape[1]]
+    raise ModelError(f"tensor {name}: fp32 shape {shape} but int8 shape {q.shape}")
+
+
 def analyze(fp32_path: Path, int8_path: Path, batches: Iterable[np.ndarray], threads: int = 0) -> Sensitivity:
     """SQNR of every quantized activation of ``int8_path`` against ``fp32_path`` over ``batches`` (NCHW float32)."""
     fp32 = onnx.load(str(fp32_path))
@@ -188,8 +199,7 @@ def analyze(fp32_path: Path, int8_path: Path, batches: Iterable[np.ndarray], thr
         out_signal += _power(f_values[0])
         out_noise += _power(q_values[0] - f_values[0])
         for e, f, q in zip(errors, f_values[1:], q_values[1:]):
-            if f.shape != q.shape:
-                raise ModelError(f"tensor {e.tensor}: fp32 shape {f.shape} but int8 shape {q.shape}")
+            q = _fp32_channels(q, f.shape, e.tensor)
             e.signal += _power(f)
             e.noise += _power(q - f)
             e.count += f.size
