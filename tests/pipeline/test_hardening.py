@@ -19,7 +19,10 @@ TINY = ["+model=shufflenet_v2_x0_5", "model.pretrained=false", "export.check_ima
 def cli(*args, cwd=REPO, wait=True, code=None):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "quantize", *args]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starting a background job without job control sets SIGINT to ignored, and a child inherits that;
+    # the run must see Ctrl-C as a user's terminal would deliver it.
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if not wait:
         return process
     out, err = process.communicate(timeout=600)
