@@ -15,7 +15,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from quantize.core.artifacts import write_text
 
@@ -26,6 +26,14 @@ BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /f
 
 def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _artifacts_of(results: Path, *patterns: str) -> Iterator[tuple[str, Path, dict[str, Any]]]:
+    """(network title, path, content) of every artifact matching ``patterns`` in each network's folder, in order."""
+    for model, title in NETWORKS.items():
+        for pattern in patterns:
+            for path in sorted((results / model).glob(pattern)):
+                yield title, path, json.loads(path.read_text())
 
 
 def _pm(value: float | None, se: float | None, digits: int = 2, unit: str = "") -> str:
@@ -86,18 +94,14 @@ def networks(results: Path) -> str:
 def ablations(results: Path) -> str:
     """Every ``accuracy-<tag>.json`` beside the default's: what each variant of the recipe measured."""
     rows, used = [], []
-    for model, title in NETWORKS.items():
-        for path in [results / model / "accuracy.json", *sorted((results / model).glob("accuracy-*.json"))]:
-            data = _load(path)
-            if data is None:
-                continue
-            used.append(path)
-            a = data["all"]
-            tag = path.stem.partition("-")[2] or "default"
-            overrides = " ".join(o for o in data.get("overrides", []) if not o.startswith("model.checkpoint="))
-            rows.append(f"| {title} | {tag} | `{overrides or '(none)'}` | "
-                        f"{_pm(a['agreement'], a['agreement_se'], unit='%')} | {_pm(a['drop'], a['drop_se'])} | "
-                        f"{_load_range(data.get('load_average'))} |")
+    for title, path, data in _artifacts_of(results, "accuracy.json", "accuracy-*.json"):
+        used.append(path)
+        a = data["all"]
+        tag = path.stem.partition("-")[2] or "default"
+        overrides = " ".join(o for o in data.get("overrides", []) if not o.startswith("model.checkpoint="))
+        rows.append(f"| {title} | {tag} | `{overrides or '(none)'}` | "
+                    f"{_pm(a['agreement'], a['agreement_se'], unit='%')} | {_pm(a['drop'], a['drop_se'])} | "
+                    f"{_load_range(data.get('load_average'))} |")
     head = "| network | variant | overrides | agreement (views) | drop (photos) | load |\n|---|---|---|---|---|---|"
     return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
 
@@ -105,11 +109,7 @@ def ablations(results: Path) -> str:
 def calibration(results: Path) -> str:
     """Seconds and peak RSS of this project's calibration against the stock path (``make bench-calib``)."""
     rows, used = [], []
-    for model, title in NETWORKS.items():
-        path = results / model / "bench_calib.json"
-        data = _load(path)
-        if data is None:
-            continue
+    for title, path, data in _artifacts_of(results, "bench_calib.json"):
         used.append(path)
         by_size: dict[int, dict[str, str]] = {}
         for run in data["runs"]:
@@ -129,11 +129,7 @@ CALIBRATION_COLUMNS = ("project minmax", "project percentile", "stock percentile
 def evaluation(results: Path) -> str:
     """The 50,000-image evaluation estimate per way of running it (``make bench-eval``)."""
     rows, used = [], []
-    for model, title in NETWORKS.items():
-        path = results / model / "bench_eval.json"
-        data = _load(path)
-        if data is None:
-            continue
+    for title, path, data in _artifacts_of(results, "bench_eval.json"):
         used.append(path)
         for run in data["runs"]:
             rows.append(f"| {title} | {run['run']} | {run['images_per_second']:.0f} | "
@@ -164,11 +160,7 @@ def zoo(results: Path) -> str:
 def cost(results: Path) -> str:
     """The default recipe's time and memory against the plain one's (``make bench-cost``)."""
     rows, used = [], []
-    for model, title in NETWORKS.items():
-        path = results / model / "cost.json"
-        data = _load(path)
-        if data is None:
-            continue
+    for title, path, data in _artifacts_of(results, "cost.json"):
         used.append(path)
         plain, default = data["recipes"]["plain"], data["recipes"]["default"]
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in default["stages"].items())
@@ -185,20 +177,18 @@ def cost(results: Path) -> str:
 def runtimes_accuracy(results: Path) -> str:
     """fp32 and int8 in each deployment runtime on the same images (``make bench-runtimes``)."""
     rows, used = [], []
-    for model, title in NETWORKS.items():
-        for path in sorted((results / model).glob("runtimes*.json")):
-            data = _load(path)
-            used.append(path)
-            config = path.stem.partition("_")[2] or "plain recipe (then the default)"
-            for name, version in data["runtimes"].items():
-                r = data["per_runtime"][name]
-                rows.append(f"| {title}, {config} | {name} {version} | {r['fp32']['top1']:.1f} · {r['fp32']['top5']:.1f} "
-                            f"| {r['int8']['top1']:.1f} · {r['int8']['top5']:.1f} | {r['agreement_top1']:.1f} | "
-                            f"{r['views_agreement_top1']:.2f} | {r['qdq_reference_agreement_top1']['views']:.2f} |")
-            for name, pair in data.get("paired", {}).items():
-                img, views = pair["images"], pair["views"]
-                rows.append(f"| | difference, {pair['against']} − {name} (SE) | | | {img['difference']:+.1f} "
-                            f"({img['standard_error']:.2f}) | {views['difference']:+.2f} ({views['standard_error']:.2f}) | |")
+    for title, path, data in _artifacts_of(results, "runtimes*.json"):
+        used.append(path)
+        config = path.stem.partition("_")[2] or "plain recipe (then the default)"
+        for name, version in data["runtimes"].items():
+            r = data["per_runtime"][name]
+            rows.append(f"| {title}, {config} | {name} {version} | {r['fp32']['top1']:.1f} · {r['fp32']['top5']:.1f} "
+                        f"| {r['int8']['top1']:.1f} · {r['int8']['top5']:.1f} | {r['agreement_top1']:.1f} | "
+                        f"{r['views_agreement_top1']:.2f} | {r['qdq_reference_agreement_top1']['views']:.2f} |")
+        for name, pair in data.get("paired", {}).items():
+            img, views = pair["images"], pair["views"]
+            rows.append(f"| | difference, {pair['against']} − {name} (SE) | | | {img['difference']:+.1f} "
+                        f"({img['standard_error']:.2f}) | {views['difference']:+.2f} ({views['standard_error']:.2f}) | |")
     head = ("| network, int8 config | runtime | fp32 top-1 · top-5 | int8 top-1 · top-5 | agreement, photos | "
             "agreement, views | int8 = float QDQ, views |\n|---|---|---|---|---|---|---|")
     return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
@@ -207,11 +197,7 @@ def runtimes_accuracy(results: Path) -> str:
 def runtimes_speed(results: Path) -> str:
     """Both models in both runtimes, as ratios to ONNX Runtime's fp32 (``make bench RUNTIME=onnxruntime,openvino``)."""
     rows, used = [], []
-    for model, title in NETWORKS.items():
-        path = results / model / "bench_onnxruntime_openvino.json"
-        data = _load(path)
-        if data is None:
-            continue
+    for title, path, data in _artifacts_of(results, "bench_onnxruntime_openvino.json"):
         used.append(path)
         b1, bn = data["latency"]["speedup_p50"], data["throughput"]["speedup"]
         cells = " | ".join(f"{b1[m]:.2f}× · {bn[m]:.2f}×" for m in ("int8", "openvino fp32", "openvino int8"))
