@@ -91,6 +91,14 @@ def outputs(model, x):
     return make_session(source, level="disable").run(None, {"input": x})[0]
 
 
+def exported(module: nn.Module, path, x: np.ndarray) -> onnx.ModelProto:
+    """``module`` exported as the export stage does (checked on two images of ``x``), loaded back."""
+    from quantize.stages.export import export_onnx
+
+    export_onnx(module.eval(), path, x[:2])
+    return onnx.load(str(path))
+
+
 def assert_exact(original, rewritten, x):
     """The rewritten graph's fp32 output is the original's within 1e-5 (relative to the output's magnitude)."""
     want, got = outputs(original, x), outputs(rewritten, x)

@@ -1,13 +1,11 @@
 """avgpool_conv: average pools that count padding become depthwise convolutions with weights 1 / window."""
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from quantize.graph.optimize import optimize
-from quantize.stages.export import export_onnx
-from zoo_models import assert_exact, ops
+from zoo_models import assert_exact, exported, ops
 
 
 class Pools(nn.Module):
@@ -26,9 +24,7 @@ class Pools(nn.Module):
 
 def test_counting_pools_become_depthwise_convs(tmp_path):
     x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
-    path = tmp_path / "pools.onnx"
-    export_onnx(Pools().eval(), path, x[:2])
-    original = onnx.load(str(path))
+    original = exported(Pools(), tmp_path / "pools.onnx", x)
     assert ops(original)["AveragePool"] == 3
     optimized, report = optimize(original)
     assert report.as_dict()["avgpool_as_depthwise_conv"] == 2

@@ -1,14 +1,12 @@
 """channel_padding: depthwise convolutions of a channel count off the multiple of 16 get zero channels, exactly."""
 
 import numpy as np
-import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
 
 from quantize.graph.optimize import optimize
-from quantize.stages.export import export_onnx
-from zoo_models import assert_exact
+from zoo_models import assert_exact, exported
 
 
 class Branches(nn.Module):
@@ -43,9 +41,7 @@ def widths(model):
 
 def test_depthwise_channels_padded_to_16_and_outputs_unchanged(tmp_path):
     x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
-    path = tmp_path / "branches.onnx"
-    export_onnx(Branches().eval(), path, x[:2])
-    original = onnx.load(str(path))
+    original = exported(Branches(), tmp_path / "branches.onnx", x)
     padded, report = optimize(original, skip=("stem_channels",))
     counts = report.as_dict()
     assert counts["depthwise_channels_padded"] == 2 and counts["zero_channels_added"] == 4 + 12

@@ -1,13 +1,11 @@
 """global_pool: a spatial mean (ReduceMean over H, W) becomes GlobalAveragePool, Flatten when dims are dropped."""
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from quantize.graph.optimize import optimize
-from quantize.stages.export import export_onnx
-from zoo_models import assert_exact, ops
+from zoo_models import assert_exact, exported, ops
 
 
 class Means(nn.Module):
@@ -26,9 +24,7 @@ class Means(nn.Module):
 
 def test_spatial_means_become_global_pools(tmp_path):
     x = np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32)
-    path = tmp_path / "means.onnx"
-    export_onnx(Means().eval(), path, x[:2])
-    original = onnx.load(str(path))
+    original = exported(Means(), tmp_path / "means.onnx", x)
     assert ops(original)["ReduceMean"] == 3
     optimized, report = optimize(original)
     assert report.as_dict()["mean_as_global_pool"] == 2
