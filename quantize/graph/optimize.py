@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 #    readers, stem convolutions widened to 4 input channels.
 # 3: spatial means as global average pools.
 # 4: depthwise convolutions padded with zero channels to a multiple of 16.
-VERSION = 4
+# 5: ... but not through a MaxPool (the stem stays as wide as it is).
+VERSION = 5
 
 # The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
 ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels", "global_pool", "channel_padding")
