@@ -60,22 +60,24 @@ MODELS ?=
 release: install
 	$(PY) -m quantize.jobs.release $(if $(MODELS),--models $(MODELS)) $(if $(DATA),data.root=$(DATA)) $(ARGS)
 
-## bench [MODEL=<zoo entry>] [DATA=<imagenet val>] [BATCH=32] [ITERATIONS=50] [THREADS=0] [RUNTIME=onnxruntime]:
+## bench [MODEL=<zoo entry>] [DATA=<imagenet val>] [BATCH=32] [ITERATIONS=50] [THREADS=0] [RUNS=1] [RUNTIME=onnxruntime]:
 ## fp32 vs int8 latency at batch 1 (p50/p90/p99) and throughput at BATCH, timed in alternating blocks with one
 ## session alive at a time. RUNTIME=openvino times both models in OpenVINO, RUNTIME=onnxruntime,openvino in both, in
 ## one process, as ratios to ONNX Runtime's fp32 (installs the openvino extra when named).
 ## JSON in benchmarks/results/<model>/bench.json (bench_<runtimes>.json for other runtimes).
 ## With DATA the pipeline runs first (cached stages are reused); without, the newest run in outputs/<model>/ is used.
+## RUNS=5: five whole measurements, the median run kept with every run's speedups (the machine drifts between runs).
 BATCH      ?= 32
 ITERATIONS ?= 50
 THREADS    ?= 0
 RUNTIME    ?= onnxruntime
+RUNS       ?= 1
 BENCH_DIR  ?= benchmarks/results
 BENCH_OUT  ?= $(BENCH_DIR)/$(MODEL)/bench$(if $(filter-out onnxruntime,$(RUNTIME)),_$(subst $(comma),_,$(RUNTIME))).json
 bench: $(call venv_with,$(EXTRAS) $(filter openvino,$(subst $(comma),$(space),$(RUNTIME))))
 	$(if $(DATA),$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS) &&) \
 	$(PY) -m quantize.bench.latency --model $(MODEL) --batch $(BATCH) --iterations $(ITERATIONS) --threads $(THREADS) \
-		--runtimes $(RUNTIME) --out $(BENCH_OUT)
+		--runs $(RUNS) --runtimes $(RUNTIME) --out $(BENCH_OUT)
 
 ## bench-calib MODEL=<zoo entry> DATA=<image folder> [SIZES=250,500,1000] [RSS_CAP_GB=12]: peak RSS and time of this
 ## project's calibration (minmax, percentile) against ONNX Runtime's stock quantize_static (percentile), each run in

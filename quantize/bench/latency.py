@@ -116,6 +116,17 @@ def run(models: dict[str, Path], batch: int = 32, iterations: int = 50, threads:
     return result
 
 
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose int8 batch-1 speedup is the median, with every run's speedups and load under ``runs``."""
+    if len(results) == 1 or "speedup_p50" not in results[0]["latency"]:
+        return results[0]
+    ordered = sorted(results, key=lambda r: r["latency"]["speedup_p50"].get("int8", 0.0))
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["runs"] = [{"b1": r["latency"]["speedup_p50"], "batch": r["throughput"]["speedup"],
+                       "load_average_1min": r["load_average_1min"]} for r in results]
+    return median
+
+
 def package_version(package: str) -> str:
     try:
         from importlib import metadata
@@ -254,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs at the start of each block")
     parser.add_argument("--blocks", type=int, default=4, help="alternating blocks the runs of each model are split in")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: every core)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="whole measurements in a row; the figures are the median run's, every run's speedups "
+                             "are kept (this machine's speed drifts by 10-30%% from one run to the next)")
     parser.add_argument("--with-rewritten-fp32", action="store_true",
                         help="also time the fp32 model after graph_opt's exact rewrites (how much of the int8 "
                              "speedup the rewrites alone give)")
@@ -275,9 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                 onnx.save(optimize(onnx.load(str(models["fp32"])))[0], str(rewritten))
                 models["fp32_rewritten"] = rewritten
             timed, runtime_of = in_runtimes(models, runtimes)
-            result = run(timed, batch=args.batch, iterations=args.iterations, threads=args.threads,
-                         warmup=args.warmup, blocks=args.blocks, image_size=chosen_preprocess(args).crop,
-                         runtimes=runtime_of)
+            if args.runs < 1:
+                raise QuantizeError(f"--runs {args.runs}: at least 1")
+            results = [run(timed, batch=args.batch, iterations=args.iterations, threads=args.threads,
+                           warmup=args.warmup, blocks=args.blocks, image_size=chosen_preprocess(args).crop,
+                           runtimes=runtime_of) for _ in range(args.runs)]
+            result = median_run(results)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

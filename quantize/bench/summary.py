@@ -59,6 +59,16 @@ def _bench_load(bench: dict[str, Any]) -> list[float]:
     return [load[k] for k in ("before", "after") if k in load]
 
 
+def _speed_cell(bench: dict[str, Any], part: str, key: str) -> str:
+    """The int8 speedup of ``bench`` (the median run when it has several), with the range over its runs."""
+    value = f"{bench[part][key]['int8']:.2f}×"
+    runs = bench.get("runs") or []
+    if len(runs) > 1:
+        values = [r["b1" if part == "latency" else "batch"]["int8"] for r in runs]
+        value += f" ({min(values):.2f}–{max(values):.2f}, {len(runs)} runs)"
+    return value
+
+
 def networks(results: Path) -> str:
     """Both real-weights networks: fp32, int8 with the default recipe, drop, agreement, speed (issue 13)."""
     rows, used, loads, timed = [], [], [], []
@@ -70,8 +80,8 @@ def networks(results: Path) -> str:
         a = (acc or {}).get("all", {})
         speed = "—"
         if bench:
-            speed = (f"{bench['latency']['speedup_p50']['int8']:.2f}× · "
-                     f"{bench['throughput']['speedup']['int8']:.2f}×")
+            speed = " · ".join(_speed_cell(bench, part, key) for part, key in
+                               (("latency", "speedup_p50"), ("throughput", "speedup")))
             loads += _bench_load(bench)
             run = bench.get("run") or {}
             timed.append(f"{title} {run.get('methods') or 'unrecorded recipe'}"

@@ -172,3 +172,16 @@ def test_views_start_with_the_standard_crop_of_the_photo():
     assert v.shape == (12, 3, 224, 224) and v.dtype == np.float32
     np.testing.assert_array_equal(v[0], preprocess(load_rgb(photos[0])))
     assert len({x.tobytes() for x in v}) == 12
+
+
+def test_several_runs_keep_the_median_run_and_every_speedup():
+    def fake(b1, b32):
+        return {"latency": {"speedup_p50": {"int8": b1}}, "throughput": {"speedup": {"int8": b32}},
+                "load_average_1min": {"before": 1.0, "after": 1.0}}
+
+    runs = [fake(2.4, 2.6), fake(2.0, 2.4), fake(2.3, 2.2)]
+    chosen = bench.median_run(runs)
+    assert chosen["latency"]["speedup_p50"]["int8"] == 2.3 and chosen["throughput"]["speedup"]["int8"] == 2.2
+    assert [r["b1"]["int8"] for r in chosen["runs"]] == [2.4, 2.0, 2.3]
+    assert "runs" not in runs[2]  # the run itself is left as it was
+    assert bench.median_run(runs[:1]) is runs[0]
