@@ -142,7 +142,7 @@ bench-runtimes: $(call venv_with,$(EXTRAS) $(filter openvino,$(subst $(comma),$(
 	$(PY) -m quantize.bench.runtimes --model $(MODEL) --root $(DATA) --runtimes $(RUNTIMES) --threads $(THREADS) \
 		--out $(BENCH_DIR)/$(MODEL)/runtimes.json
 
-## bench-zoo [MODELS=a,b] [CALIB=<image folder>] [CALIB_IMAGES=50] [ZOO_ITERATIONS=100] [ZOO_BATCH_ITERATIONS=10]
+## bench-zoo [MODELS=a,b] [CALIB=<image folder>] [CALIB_IMAGES=50] [ZOO_ITERATIONS=100] [ZOO_BATCH_ITERATIONS=10] [RUNS=1]
 ## [ZOO_ARGS=--before]: every zoo entry (random init) exported, calibrated on CALIB_IMAGES images, quantized, and timed
 ## fp32 vs int8 at batch 1 and BATCH on 2 threads in alternating blocks, with ONNX Runtime's per-operator profile;
 ## benchmarks/results/zoo/zoo.json and zoo.md. About 1-2 minutes per entry on the 2-core machine.
@@ -153,5 +153,5 @@ ZOO_BATCH_ITERATIONS ?= 10
 ZOO_ARGS             ?=
 bench-zoo: install
 	$(PY) -m quantize.bench.zoo $(if $(MODELS),--models $(MODELS)) --calib-root $(CALIB) --calib-images $(CALIB_IMAGES) \
-		--iterations $(ZOO_ITERATIONS) --batch $(BATCH) --batch-iterations $(ZOO_BATCH_ITERATIONS) --threads 2 \
+		--iterations $(ZOO_ITERATIONS) --batch $(BATCH) --batch-iterations $(ZOO_BATCH_ITERATIONS) --threads 2 --runs $(RUNS) \
 		--out $(BENCH_DIR)/zoo $(ZOO_ARGS)

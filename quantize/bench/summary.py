@@ -42,6 +42,10 @@ def _pm(value: float | None, se: float | None, digits: int = 2, unit: str = "") 
     return f"{value:.{digits}f}{unit}" + ("" if se is None else f" ± {se:.{digits}f}{unit}")
 
 
+def _spread(values: list[float]) -> str:
+    return f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+
+
 def _load_range(loads: list[float] | None) -> str:
     if not loads:
         return "not recorded"
@@ -158,7 +162,9 @@ def zoo(results: Path) -> str:
     rows = []
     for row in data["entries"]:
         before = row.get("ratio_before")
-        rows.append(f"| {row['entry']} | {row['ratio']['b1']:.2f}× | {row['ratio'][f'b{batch}']:.2f}× | "
+        spread = {k: _spread([r[k] for r in row.get("ratios", [])]) for k in row["ratio"]}
+        rows.append(f"| {row['entry']} | {row['ratio']['b1']:.2f}×{spread['b1']} | "
+                    f"{row['ratio'][f'b{batch}']:.2f}×{spread[f'b{batch}']} | "
                     + (f"{before['b1']:.2f}× · {before[f'b{batch}']:.2f}× | " if before else "— | ")
                     + f"{_load_range(row.get('load'))} | "
                     + ", ".join(f"{op} {share:.0f}%" for op, _, share in row["where"]["int8"][f"b{batch}"][:3]) + " |")

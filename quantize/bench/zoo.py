@@ -11,7 +11,8 @@ with the current graph rewrites. ``--before`` also builds the int8 model without
 
 Timing is ``stages.speed.time_blocks``: fp32 and int8 (and the before model) in alternating blocks, one session
 alive at a time, ``--threads`` intra-op threads, median ms at batch 1 and at ``--batch``; ratio = fp32 / int8
-(>1: int8 faster). The 1-minute load average is recorded before and after each entry's timing: on a shared 2-core
+(>1: int8 faster); ``--runs N`` repeats the whole timing and keeps the median ratio (every run's ratios are in
+the JSON: this machine's speed drifts by 10-30% between runs). The 1-minute load average is recorded before and after each entry's timing: on a shared 2-core
 machine ratios measured under load (above ~2) are lower than in a quiet hour, batch 1 most of all. Then ONNX
 Runtime's profiler gives each model's kernel time per operator type (``--profile-runs`` runs at each batch), the
 "where the time goes" columns.
@@ -131,18 +132,23 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
         single = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
         batched = rng.standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
         load_before = os.getloadavg()[0]
-        b1 = time_blocks(models, single, args.iterations, threads=args.threads, warmup=3, blocks=args.blocks)
-        bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=1,
-                         blocks=min(args.blocks, args.batch_iterations))
+        per_run = []  # ms per model and batch, one dict per whole measurement
+        for _ in range(args.runs):
+            b1 = time_blocks(models, single, args.iterations, threads=args.threads, warmup=3, blocks=args.blocks)
+            bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=1,
+                             blocks=min(args.blocks, args.batch_iterations))
+            per_run.append({tag: {"b1": 1000 * statistics.median(b1[tag]),
+                                  f"b{args.batch}": 1000 * statistics.median(bn[tag])} for tag in models})
         load_after = os.getloadavg()[0]
-        ms = {tag: {"b1": 1000 * statistics.median(b1[tag]), f"b{args.batch}": 1000 * statistics.median(bn[tag])}
-              for tag in models}
+        ms = {tag: {k: statistics.median(run[tag][k] for run in per_run) for k in per_run[0][tag]} for tag in models}
+        ratios = [{k: run["fp32"][k] / run["int8"][k] for k in run["fp32"]} for run in per_run]
         where = {tag: {"b1": top(profile(models[tag], single, args.profile_runs * 5, args.threads, work)),
                        f"b{args.batch}": top(profile(models[tag], batched, args.profile_runs, args.threads, work))}
                  for tag in ("fp32", "int8")}
     row: dict[str, Any] = {
         "entry": name, "ms": ms,
-        "ratio": {k: ms["fp32"][k] / ms["int8"][k] for k in ms["fp32"]},
+        "ratio": {k: statistics.median(r[k] for r in ratios) for k in ratios[0]},  # median over runs
+        "ratios": ratios,
         "where": where, "load": [round(load_before, 2), round(load_after, 2)],
         "rewrites": {k: v for k, v in rewrites.items() if not k.startswith("folded_")},
         "build_seconds": round(build_seconds, 1),
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=8, help="alternating blocks the runs are split in")
     parser.add_argument("--profile-runs", type=int, default=3, help="profiled runs at --batch (5x at batch 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1, help="whole timings per entry; ratios are their median")
     parser.add_argument("--before", action="store_true",
                         help="also time the int8 model built without the rewrites of issue #17")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo"))
