@@ -54,7 +54,7 @@ def pad_depthwise_channels(g: Graph, report: Report, align: int = ALIGN) -> None
     producers, readers = g.producers(), g.consumers()
     outputs = g.output_names
 
-    def tensors_through(start: str, forward: bool) -> list[str] | None:
+    def tensors_through(start: str, forward: bool) -> list[str]:
         """``start`` and the tensors joined to it through zero-keeping ops (backwards: up to the first other op)."""
         chain, name = [start], start
         if not forward:
