@@ -254,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.readme.is_file():
         print(f"error: --readme {args.readme} does not exist", file=sys.stderr)
         return 1
-    text, changed = refresh(args.readme.read_text(), args.results)
+    try:
+        text, changed = refresh(args.readme.read_text(), args.results)
+    except (ValueError, KeyError, TypeError) as exc:  # an artifact that is not what its command writes
+        print(f"error: a file in {args.results} could not be read as a benchmark artifact: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.check:
         if changed:
             print(f"error: README figure blocks differ from {args.results}: {', '.join(changed)} "

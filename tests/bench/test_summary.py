@@ -44,3 +44,12 @@ def test_every_block_names_its_artifacts():
         assert "Artifacts: `benchmarks/results/" in body, name
         for path in summary.re.findall(r"`benchmarks/results/([^`]+)`", body):
             assert (RESULTS / path).is_file(), (name, path)
+
+
+def test_a_broken_artifact_is_one_line(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    (results / "shufflenet_v2_x1_0" / "bench.json").write_text("{not json")
+    assert summary.main(["--results", str(results), "--readme", str(ROOT / "README.md"), "--check"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "JSONDecodeError" in err
