@@ -25,19 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantize.core.memory import watch_child
+from quantize.core.memory import peak_rss_mb, watch_child
 
 SCHEMA = "quantize-bench-calib/1"
 
 
 # --- child side -------------------------------------------------------------------------------------------------
-
-def _peak_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("with_torch"):
@@ -79,7 +72,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                             per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=methods[spec["method"]])
         result.update(num_images=len(samples))
-    result.update(seconds=time.perf_counter() - started, peak_rss_mb=_peak_kib() / 1024.0)
+    result.update(seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
     return result
 
 

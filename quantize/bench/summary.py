@@ -67,10 +67,8 @@ def _speed_cell(bench: dict[str, Any], part: str, key: str) -> str:
     """The int8 speedup of ``bench`` (the median run when it has several), with the range over its runs."""
     value = f"{bench[part][key]['int8']:.2f}×"
     runs = bench.get("runs") or []
-    if len(runs) > 1:
-        values = [r["b1" if part == "latency" else "batch"]["int8"] for r in runs]
-        value += f" ({min(values):.2f}–{max(values):.2f}, {len(runs)} runs)"
-    return value
+    spread = _spread([r["b1" if part == "latency" else "batch"]["int8"] for r in runs])
+    return value + (f"{spread[:-1]}, {len(runs)} runs)" if spread else "")
 
 
 def networks(results: Path) -> str:
