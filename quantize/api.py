@@ -119,35 +119,32 @@ def quantize_model(model: str | Path | "torch.nn.Module", calibration_data: Iter
             subset = _first_images(batches, quant.balance_images)
             details["balance"] = {"chains": len(balance(fp32.path, source, iter(subset), strength=quant.balance_strength,
                                                         threads=threads).chains)}
-        calibration = calibrate(source, iter(batches), method=calib.method, percentile=calib.percentile,
-                                num_bins=calib.num_bins, threads=threads)
+        import onnx
+
+        from quantize.graph.optimize import optimize
+
+        optimized = work / "fp32.optimized.onnx"  # the graph calibrated and quantized (the rewrites are exact)
+        pixels = preprocess.pixel_mapping() if quant.pixel_input else None
+        onnx.save(optimize(onnx.load(str(source)), pixels=pixels)[0], str(optimized))
+        calibration = calibrate(optimized, iter(batches), method=calib.method, percentile=calib.percentile,
+                                num_bins=calib.num_bins, threads=threads, optimize_graph=False)
         ranges = work / "ranges.json"
         save_ranges(calibration, ranges)
-        optimized = None
-        if quant.shared_concat_ranges or quant.weight_rounding != "nearest" or quant.bias_correction \
-                or quant.weight_scales != "max":
-            import onnx
-
-            from quantize.graph.optimize import optimize
-
-            optimized = work / "fp32.optimized.onnx"  # the graph the quantizer rewrites the model into
-            onnx.save(optimize(onnx.load(str(source)))[0], str(optimized))
         if quant.shared_concat_ranges:
             from quantize.accuracy.shared_ranges import share_concat_ranges
-            import onnx
 
             details["shared_ranges"] = share_concat_ranges(onnx.load(str(optimized)), ranges, work / "ranges.shared.json")
             ranges = work / "ranges.shared.json"
         int8_target = work / "model.int8.onnx"
         quantized = quantize_static_model(
-            source, ranges, int8_target, method=calib.method, fmt=quant.format,
+            optimized, ranges, int8_target, method=calib.method, fmt=quant.format,
             activation_type=quant.activation_type, weight_type=quant.weight_type, per_channel=quant.per_channel,
             reduce_range=quant.reduce_range, opset=quant.opset,
-            op_types=list(quant.op_types) if quant.op_types else None, nodes_to_exclude=list(quant.nodes_to_exclude))
+            op_types=list(quant.op_types) if quant.op_types else None, nodes_to_exclude=list(quant.nodes_to_exclude),
+            optimize_graph=False)
         details.update(calibration_seconds=calibration.seconds, calibration_peak_rss_mb=calibration.peak_rss_mb)
         final = quantized.path
-        if optimized is not None and (quant.weight_rounding != "nearest" or quant.bias_correction
-                                      or quant.weight_scales != "max"):
+        if quant.weight_rounding != "nearest" or quant.bias_correction or quant.weight_scales != "max":
             from quantize.accuracy.refine import refine
 
             final = work / "model.int8.refined.onnx"

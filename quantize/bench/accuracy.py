@@ -10,7 +10,8 @@ are compared on the held-out part:
 - top-1 of each and the drop, on the photos themselves (labels needed), with the paired standard error;
 - top-1 agreement of int8 with fp32 on ``--views`` views of each held-out photo (the photo, its mirror image, and
   corner and centre crops of both; agreement needs no labels, so every view counts), with a standard error taken
-  over photos (views of one photo are not independent).
+  over photos (views of one photo are not independent); the agreeing views of each photo are kept, so two results
+  compare paired (``paired_agreement``).
 
 Every image is fed through the model's own preprocessing. The result is written as JSON and a Markdown table, with
 the machine's load average beside it.
@@ -132,7 +133,7 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
     samples = list_samples(root)
     parts = folds_of(samples, folds)
     work_dir = (work_dir or Path("artifacts")).resolve()
-    results, preds, labels = [], [], []
+    results, preds, labels, per_photo = [], [], [], {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-accuracy.") as scratch:
         for k, held_out in enumerate(parts):
@@ -149,10 +150,25 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
             results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})
             preds.append(pred)
             labels.append(fold_labels)
+            agreeing = (pred["fp32"] == pred["int8"]).sum(axis=1)
+            per_photo.update({s.path.relative_to(root).as_posix(): int(n) for s, n in zip(held_out, agreeing)})
             log.info("fold %d: %s", k, json.dumps(results[-1]))
     return {"schema": SCHEMA, "model": model, "root": str(root), "overrides": overrides, "folds": results,
-            "all": combined(preds, labels), "views_per_photo": views, "seconds": time.perf_counter() - started,
+            "all": combined(preds, labels), "views_per_photo": views, "agreeing_views": per_photo,
+            "seconds": time.perf_counter() - started,
             "load_average": list(os.getloadavg()), "cores": os.cpu_count()}
+
+
+def paired_agreement(variant: dict[str, Any], baseline: dict[str, Any]) -> tuple[float, float] | None:
+    """Agreement of ``variant`` minus ``baseline`` (two results of ``run`` on the same photos and views), in points,
+    with its standard error over photos: both were measured on the same views, so the difference is far less noisy
+    than either figure. None when either lacks per-photo counts or they cover other photos."""
+    a, b = variant.get("agreeing_views"), baseline.get("agreeing_views")
+    if not a or not b or set(a) != set(b) or variant["views_per_photo"] != baseline["views_per_photo"] or len(a) < 2:
+        return None
+    photos = sorted(a)
+    diff = 100 * (np.array([a[p] for p in photos]) - np.array([b[p] for p in photos])) / variant["views_per_photo"]
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
 
 
 def as_table(result: dict[str, Any]) -> str:
@@ -177,6 +193,7 @@ def as_table(result: dict[str, Any]) -> str:
 VARIANTS: dict[str, list[str]] = {
     "plain": ["quant=u8s8_plain", "calib=percentile"],
     "gptq-only": ["quant=u8s8_accurate", "calib=percentile"],
+    "no-pixel-input": ["quant.pixel_input=false"],
     "no-balance": ["quant.balance=false"],
     "percentile": ["calib=percentile"],
     "no-shared-concat": ["quant.shared_concat_ranges=false"],

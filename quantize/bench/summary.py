@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from quantize.bench.accuracy import paired_agreement
 from quantize.core.artifacts import write_text
 
 SHOWN_AS = "benchmarks/results"  # how the README names the results folder, wherever it was read from
@@ -111,10 +112,14 @@ def ablations(results: Path) -> str:
         a = data["all"]
         tag = path.stem.partition("-")[2] or "default"
         overrides = " ".join(o for o in data.get("overrides", []) if not o.startswith("model.checkpoint="))
+        default = _load(path.parent / "accuracy.json")
+        paired = paired_agreement(data, default) if tag != "default" and default else None
         rows.append(f"| {title} | {tag} | `{overrides or '(none)'}` | "
-                    f"{_pm(a['agreement'], a['agreement_se'], unit='%')} | {_pm(a['drop'], a['drop_se'])} | "
+                    f"{_pm(a['agreement'], a['agreement_se'], unit='%')} | "
+                    f"{_pm(*paired) if paired else '—'} | {_pm(a['drop'], a['drop_se'])} | "
                     f"{_load_range(data.get('load_average'))} |")
-    head = "| network | variant | overrides | agreement (views) | drop (photos) | load |\n|---|---|---|---|---|---|"
+    head = ("| network | variant | overrides | agreement (views) | minus the default's, paired (points) | "
+            "drop (photos) | load |\n|---|---|---|---|---|---|---|")
     return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
 
 

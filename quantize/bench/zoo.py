@@ -63,16 +63,18 @@ def build(entry: Any, work: Path, check_batch: np.ndarray) -> Path:
     return path
 
 
-def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = ()) -> tuple[Path, dict]:
+def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = (),
+              pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[Path, dict]:
     """Calibrate (percentile) and quantize the rewritten graph in the default recipe's int8 layout (U8S8
-    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy); ``skip``
-    leaves rewrites out. The default recipe's other parts change values only, not the kernels timed here.
+    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy, and the input
+    as pixels when ``pixels`` gives its normalization: ``graph.pixel_input``'s fp32 mapping is timed too);
+    ``skip`` leaves rewrites out. The default recipe's other parts change values only, not the kernels timed here.
     Returns the int8 path and the rewrite counts."""
     from quantize.accuracy.shared_ranges import share_concat_ranges
     from quantize.stages.calibrate import calibrate, save_ranges
     from quantize.stages.static_quant import quantize_model
 
-    rewritten, report = optimize(onnx.load(str(fp32)), skip=skip)
+    rewritten, report = optimize(onnx.load(str(fp32)), skip=skip, pixels=pixels)
     tag = "before" if skip else "int8"
     graph = work / f"{tag}.rewritten.onnx"
     onnx.save(rewritten, str(graph))
@@ -123,7 +125,7 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
         work = Path(scratch)
         started = time.perf_counter()
         fp32 = build(entry, work, images[:2])
-        int8, rewrites = quantized(fp32, images, work)
+        int8, rewrites = quantized(fp32, images, work, pixels=preprocess.pixel_mapping())
         models = {"fp32": fp32, "int8": int8}
         if args.before:
             models["before"], _ = quantized(fp32, images, work, skip=ZOO_REWRITES)

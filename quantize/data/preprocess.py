@@ -206,6 +206,11 @@ class Preprocess:
         """``scale`` is 1/255: pixels are divided by 255 (as torchvision's ToTensor does) rather than multiplied."""
         return math.isclose(self.scale, 1 / 255, rel_tol=1e-9)
 
+    def pixel_mapping(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(gain, offset)`` per network input channel with ``pixel = input * gain + offset``: the inverse of the
+        normalization, for graphs that take pixels back (``quantize.graph.pixel_input``)."""
+        return (tuple(s / self.scale for s in self.std), tuple(m / self.scale for m in self.mean))
+
     def describe(self) -> dict[str, Any]:
         """A self-contained description for whoever feeds the model outside this project (release manifest,
         report): the settings, the exact rules behind them, and the steps in words."""

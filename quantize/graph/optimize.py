@@ -33,6 +33,8 @@ The TorchScript exporter leaves work in the graph that ONNX Runtime's int8 path 
   at about half speed: zero channels up to the next multiple (``channel_padding``).
 - the 3-channel stem convolution, whose int8 im2col is slow on 3-byte pixels: it reads a 4th, zero-weighted copy
   of an input channel (``stem_channels``; the int8 model quantizes the input before that copy).
+- when the caller passes the input's normalization (``pixels``): the normalized input, which no uint8 scale holds
+  exactly, mapped back to 8-bit pixel values in fp32, the first convolutions taking pixels (``pixel_input``).
 
 Every rewrite keeps the fp32 function exactly (tests compare the rewritten and original models' outputs).
 Tensor names of activations that survive are kept, so ranges computed on the rewritten graph name the same tensors.
@@ -53,6 +55,7 @@ from quantize.graph.global_pool import spatial_means_to_global_pools
 from quantize.graph.grouped_conv import densify_grouped_convs
 from quantize.graph.onnx_graph import Graph, Report, constants_to_initializers, remove_dead, remove_identities
 from quantize.graph.pad_folding import fold_pads_into_convs
+from quantize.graph.pixel_input import input_to_pixels
 from quantize.graph.stem_channels import widen_stem_convs
 
 log = logging.getLogger(__name__)
@@ -70,10 +73,12 @@ VERSION = 5
 ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels", "global_pool", "channel_padding")
 
 
-def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = ()
-             ) -> tuple[onnx.ModelProto, Report]:
+def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = (),
+             pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[onnx.ModelProto, Report]:
     """The rewritten model (a copy) and what was done. ``skip`` names rewrites of ``ZOO_REWRITES`` to leave out
-    (benchmarks compare against the graph without them; the pipeline never skips)."""
+    (benchmarks compare against the graph without them; the pipeline never skips). ``pixels``: the input's
+    ``(gain, offset)`` per channel, ``pixel = input * gain + offset`` (``Preprocess.pixel_mapping``), for
+    ``pixel_input``; None leaves the input as it is."""
     unknown = set(skip) - set(ZOO_REWRITES)
     if unknown:
         raise ValueError(f"unknown rewrites {sorted(unknown)}; skippable: {', '.join(ZOO_REWRITES)}")
@@ -99,6 +104,8 @@ def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...]
         pad_depthwise_channels(g, report)  # after the dataflow pass: pads the convolutions it leaves in place
     if "stem_channels" not in skip:
         widen_stem_convs(g, report)  # after the dataflow pass, which leaves its repeated channel alone anyway
+    if pixels is not None:
+        input_to_pixels(g, report, *pixels)  # last: it folds into the stem as the other rewrites leave it
     remove_dead(g)
     out = g.to_model()
     onnx.checker.check_model(out)

@@ -55,10 +55,11 @@ def widen_stem_convs(g: Graph, report: Report, width: int = WIDTH) -> None:
 def move_input_quantization(model: onnx.ModelProto) -> int:
     """In a QDQ int8 model: ``input -> Gather(channels) -> QuantizeLinear`` becomes ``input -> QuantizeLinear ->
     Gather``, so the Gather copies bytes instead of floats (ONNX Runtime runs it before the conversion otherwise).
+    ``input``: the network input, or any float tensor outside the quantized graph (``pixel_input``'s pixels).
     Quantizing with one scale commutes with copying values, so the model computes the same. Edits ``model`` in place
     and returns how many Gathers moved."""
     graph = model.graph
-    inputs = {i.name for i in graph.input}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     outputs = {o.name for o in graph.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -68,7 +69,7 @@ def move_input_quantization(model: onnx.ModelProto) -> int:
     nodes = list(graph.node)
     moved = 0
     for gather in list(nodes):
-        if gather.op_type != "Gather" or gather.input[0] not in inputs or gather.output[0] in outputs:
+        if gather.op_type != "Gather" or gather.input[0] in dequantized or gather.output[0] in outputs:
             continue
         after = readers.get(gather.output[0], [])
         if len(after) != 1 or after[0].op_type != "QuantizeLinear" or after[0].input[1] not in scalars:

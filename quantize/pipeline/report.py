@@ -165,7 +165,8 @@ def sampling_error(num_images: int, agreement: float) -> dict[str, Any]:
 def method_label(cfg: Config) -> str:
     """A short name of the post-training methods used: ``ort``, ``eq+gptq+bc``, ..., ``+budget0.3``."""
     q = cfg.quant
-    parts = [name for on, name in ((q.equalize, "eq"), (q.balance, "balance"), (q.shared_concat_ranges, "concat"),
+    parts = [name for on, name in ((q.pixel_input, "pixels"), (q.equalize, "eq"), (q.balance, "balance"),
+                                   (q.shared_concat_ranges, "concat"),
                                    (q.weight_scales == "search", "wscale"), (q.weight_rounding == "gptq", "gptq"),
                                    (q.bias_correction, "bc")) if on]
     label = "+".join(parts) or "ort"

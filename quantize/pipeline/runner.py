@@ -348,11 +348,14 @@ class Pipeline:
         """The fp32 graph after the exact rewrites of ``quantize.graph``: what calibration, quantization and the
         accuracy methods all read."""
         source = self.accuracy.fp32_source()  # the export, or its equalized copy (quant.equalize)
-        inputs = {"model_sha256": source.sha256, "graph_opt": GRAPH_OPT_VERSION}
+        pixels = self.preprocess.pixel_mapping() if self.cfg.quant.pixel_input else None
+        inputs = {"model_sha256": source.sha256, "graph_opt": GRAPH_OPT_VERSION,
+                  # only when on: graphs optimized before the option existed keep their key
+                  **({"pixel_input": [list(pixels[0]), list(pixels[1])]} if pixels else {})}
 
         def work(stage_dir: Path) -> OptimizeRecord:
             started = time.perf_counter()
-            model, report = optimize_graph(onnx.load(source.path))
+            model, report = optimize_graph(onnx.load(source.path), pixels=pixels)
             path = stage_dir / "model.onnx"
             with atomic_path(path) as tmp:
                 onnx.save(model, str(tmp))

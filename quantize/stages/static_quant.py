@@ -15,6 +15,7 @@ from onnx import version_converter
 from onnxruntime.quantization import QuantFormat as OrtQuantFormat, QuantType as OrtQuantType, quantize_static
 
 from quantize.graph import optimize as graph_opt
+from quantize.graph.pixel_input import pixel_quantization
 from quantize.graph.stem_channels import move_input_quantization
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
@@ -80,6 +81,7 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
     if optimize_graph:
         model, _ = graph_opt.optimize(model)
     _check_ranges_cover(model, ranges_path)
+    pixels = pixel_quantization(model)
     source_opset = model_opset(model)
     target_opset = int8_opset(source_opset, fmt, per_channel, opset)
     if target_opset != source_opset:
@@ -88,6 +90,10 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
         prepared = Path(scratch) / "fp32.onnx"
         onnx.save(model, str(prepared))
         del model
+        if pixels is not None:
+            tensors, mapping, bounds = pixels
+            ranges_path = _pin_ranges(ranges_path, tensors, bounds, Path(scratch) / "ranges.json")
+            nodes_to_exclude = [*(nodes_to_exclude or []), *mapping]
         with _quiet_root_logger():
             quantize_static(
                 str(prepared), str(tmp_out), calibration_data_reader=None,
@@ -105,6 +111,16 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
              out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
              target_opset, seconds)
     return Quantized(out_path, target_opset, seconds)
+
+
+def _pin_ranges(ranges_path: Path, tensors: list[str], bounds: tuple[float, float], out_path: Path) -> Path:
+    """A copy of the calibration ranges with ``tensors`` on ``bounds`` (8-bit pixels are quantized on their own
+    grid, whatever the calibration images held: ``graph.pixel_input``)."""
+    data = json.loads(Path(ranges_path).read_text())
+    for tensor in tensors:
+        data["data"][tensor] = {**data["data"].get(tensor, {}), "lowest": bounds[0], "highest": bounds[1]}
+    out_path.write_text(json.dumps(data))
+    return out_path
 
 
 def _quantize_input_before_gathers(path: Path) -> None:

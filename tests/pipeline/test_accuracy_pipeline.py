@@ -23,7 +23,7 @@ def test_plain_recipe_leaves_the_pipeline_unchanged(tiny):
     cfg = compose_config(tiny_overrides(data, root / "work"))
     q, a = cfg.quant, cfg.analysis
     assert (q.equalize, q.weight_rounding, q.bias_correction, q.max_drop) == (False, "nearest", False, None)
-    assert (q.balance, q.shared_concat_ranges, q.weight_scales) == (False, False, "max")
+    assert (q.balance, q.shared_concat_ranges, q.weight_scales, q.pixel_input) == (False, False, "max", False)
     assert (a.sensitivity, a.speed) == (False, False)
     pipeline = Pipeline(cfg, root / "run-plain")
     report = pipeline.run()
@@ -36,17 +36,20 @@ def test_plain_recipe_leaves_the_pipeline_unchanged(tiny):
 
 
 def test_default_recipe_runs_its_stages(tiny):
-    """No quant/calib override: MSE ranges, range balancing, shared Concat ranges, weight-scale search, GPTQ."""
+    """No quant/calib override: pixel input, MSE ranges, range balancing, shared Concat ranges, weight-scale search,
+    GPTQ."""
     root, data = tiny
     cfg = compose_config(tiny_overrides(data, root / "work", plain=False))
     q = cfg.quant
     assert cfg.calib.method == "mse"
     assert (q.balance, q.shared_concat_ranges, q.weight_scales, q.weight_rounding) == (True, True, "search", "gptq")
+    assert q.pixel_input
     assert (q.equalize, q.bias_correction, q.max_drop) == (False, False, None)
     pipeline = Pipeline(cfg, root / "run-default")
     report = pipeline.run()
     assert set(pipeline.records) == {"export", "balance", "optimize", "calibrate", "quantize", "refine", "evaluate"}
-    assert report["methods"]["label"] == "balance+concat+wscale+gptq"
+    assert report["methods"]["label"] == "pixels+balance+concat+wscale+gptq"
+    assert pipeline.records["optimize"].rewrites["input_as_pixels"] == 1
     m = report["methods"]
     assert m["balance_details"]["chains"] > 0  # ShuffleNetV2's stem and branch convolutions
     assert m["shared_ranges_details"]["groups"] > 0
