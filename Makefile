@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy \
-	bench-runtimes bench-zoo bench-ablations bench-cost readme-figures
+	bench-runtimes bench-zoo bench-islands bench-ablations bench-cost readme-figures
 
 # Optional extras installed beside dev, comma-separated: EXTRAS=openvino (OpenVINO for eval.runtime and make bench).
 EXTRAS ?=
@@ -155,3 +155,15 @@ bench-zoo: install
 	$(PY) -m quantize.bench.zoo $(if $(MODELS),--models $(MODELS)) --calib-root $(CALIB) --calib-images $(CALIB_IMAGES) \
 		--iterations $(ZOO_ITERATIONS) --batch $(BATCH) --batch-iterations $(ZOO_BATCH_ITERATIONS) --threads 2 --runs $(RUNS) \
 		--out $(BENCH_DIR)/zoo $(ZOO_ARGS)
+
+## bench-islands [MODELS=a,b] [ISLANDS=stem,stem_pool,stem_block,swish,global_pool] [CALIB=...] [ISLAND_RUNS=3]:
+## the entries short of issue #17's speed goal (or MODELS) built as bench-zoo builds them, then quantized again with
+## each candidate fp32 island (nodes_to_exclude) and timed against fp32 and plain int8 at batch 1 and BATCH on 2
+## threads; benchmarks/results/zoo_islands/islands.json and islands.md, merged entry by entry. 1-2 minutes per entry.
+ISLANDS     ?=
+ISLAND_RUNS ?= 3
+bench-islands: install
+	$(PY) -m quantize.bench.islands $(if $(MODELS),--models $(MODELS)) $(if $(ISLANDS),--islands $(ISLANDS)) \
+		--calib-root $(CALIB) --calib-images $(CALIB_IMAGES) --iterations $(ZOO_ITERATIONS) --batch $(BATCH) \
+		--batch-iterations $(ZOO_BATCH_ITERATIONS) --threads 2 --runs $(ISLAND_RUNS) \
+		--out $(BENCH_DIR)/zoo_islands

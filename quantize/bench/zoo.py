@@ -63,19 +63,15 @@ def build(entry: Any, work: Path, check_batch: np.ndarray) -> Path:
     return path
 
 
-def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = (),
-              pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[Path, dict]:
-    """Calibrate (percentile) and quantize the rewritten graph in the default recipe's int8 layout (U8S8
-    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy, and the input
-    as pixels when ``pixels`` gives its normalization: ``graph.pixel_input``'s fp32 mapping is timed too);
-    ``skip`` leaves rewrites out. The default recipe's other parts change values only, not the kernels timed here.
-    Returns the int8 path and the rewrite counts."""
+def calibrated(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = (), tag: str = "int8",
+               pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[Path, Path, dict]:
+    """The rewritten graph (``skip`` leaves rewrites out; ``pixels``, the input's normalization, has the int8 model
+    quantize pixels: ``graph.pixel_input``), its ranges (percentile, each Concat's inputs and output on one range)
+    and the rewrite counts, written to ``work`` under ``tag``."""
     from quantize.accuracy.shared_ranges import share_concat_ranges
     from quantize.stages.calibrate import calibrate, save_ranges
-    from quantize.stages.static_quant import quantize_model
 
     rewritten, report = optimize(onnx.load(str(fp32)), skip=skip, pixels=pixels)
-    tag = "before" if skip else "int8"
     graph = work / f"{tag}.rewritten.onnx"
     onnx.save(rewritten, str(graph))
     ranges = work / f"{tag}.ranges.json"
@@ -83,9 +79,23 @@ def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] 
     save_ranges(calibrate(graph, batches, method="percentile", optimize_graph=False), ranges)
     shared = work / f"{tag}.ranges.shared.json"
     share_concat_ranges(rewritten, ranges, shared)
+    return graph, shared, report.as_dict()
+
+
+def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = (),
+              pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[Path, dict]:
+    """Calibrate (percentile) and quantize the rewritten graph in the default recipe's int8 layout (U8S8
+    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy, and the input
+    as pixels when ``pixels`` is given: the fp32 mapping is timed too); ``skip`` leaves rewrites out. The default
+    recipe's other parts change values only, not the kernels timed here. Returns the int8 path and the rewrite
+    counts."""
+    from quantize.stages.static_quant import quantize_model
+
+    tag = "before" if skip else "int8"
+    graph, ranges, report = calibrated(fp32, images, work, skip, tag, pixels=pixels)
     out = work / f"{tag}.onnx"
-    quantize_model(graph, shared, out, method="percentile", optimize_graph=False)
-    return out, report.as_dict()
+    quantize_model(graph, ranges, out, method="percentile", optimize_graph=False)
+    return out, report
 
 
 def profile(path: Path, batch: np.ndarray, runs: int, threads: int, scratch: Path) -> dict[str, float]:

@@ -1,0 +1,377 @@
+"""Would leaving a zoo entry's slow int8 layers in fp32 make its int8 model faster? (``make bench-islands``; issue
+#17, item 2: "where no rewrite helps a layer, consider leaving it in fp32 when that is faster and costs no accuracy".)
+
+    python -m quantize.bench.islands [--models a,b] [--islands stem,swish] [--runs 3] [--iterations 100]
+                                     [--batch 32] [--batch-iterations 10] [--threads 2] [--out DIR]
+
+Each entry is built as ``make bench-zoo`` builds it (``quantize.bench.zoo``: random init, the current graph rewrites,
+percentile ranges on 50 photos, the default recipe's int8 layout), then quantized once more per candidate island
+with the island's nodes in ``nodes_to_exclude`` (what ``quant.nodes_to_exclude`` does in the pipeline). fp32, the
+plain int8 model and every island model are timed in alternating blocks (``stages.speed.time_blocks``, one session
+alive at a time) at batch 1 and ``--batch``; ratio = fp32 ms / model ms, the median of ``--runs`` whole timings
+(every run's ratios are in the JSON). Results are merged into ``islands.json`` entry by entry, so each entry can be
+timed in its own short quiet window.
+
+The candidate islands (``ISLANDS``), found by structure in the rewritten graph:
+
+- ``stem``: the first convolution and its activation (ReLU, ReLU6 or swish), 112x112;
+- ``stem_pool``: the stem and the max pool after it (the ShuffleNets);
+- ``stem_block``: the stem (and its pool) and the convolutions reading its output with their activations: the first
+  ShuffleNet unit's two 56x56 input convolutions, Lite0's first 112x112 depthwise convolution;
+- ``swish``: every ``x * sigmoid(x)`` (int8: a QLinearSigmoid and a QLinearMul, together as slow as fp32's fused
+  QuickGelu);
+- ``global_pool``: the global average pool (ONNX Runtime's QLinearGlobalAveragePool is no faster than fp32 at batch 1).
+
+An island holding the stem convolution is built on the graph without the ``stem_channels`` rewrite, whose 4th input
+channel only helps the int8 kernel. The island's nodes get their own copies of initializers they share with
+quantized nodes (``own_initializers``): otherwise they read the quantized copy through a DequantizeLinear and ONNX
+Runtime, seeing no constant weight, runs them without its blocked (NCHWc) fp32 kernels (x0.25's fp32 stem at batch 1:
+0.46 instead of 0.22 ms).
+
+Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 1.1-1.8 with the benchmark's own two
+threads): no island is faster than the plain int8 model at both batches for any of the six entries short of issue
+#17's goal, and none lifts batch 1 without costing batch 32, so the pipeline keeps every layer in int8. fp32 / int8
+ratios at batch 1 · 32, plain int8 first, then the two best islands:
+
+- efficientnet_lite0: 2.02 · 2.33; stem_block 1.99 · 1.89, global_pool 1.99 · 2.28;
+- mmcls_shufflenet_v1_x1_0_g3: 1.96 · 2.39; global_pool 1.83 · 2.44, stem_block 1.64 · 1.62;
+- megvii_shufflenet_v2_x0_5: 1.20 · 1.92; stem_block 1.21 · 1.16, global_pool 1.18 · 1.76;
+- ppcls_shufflenet_v2_x0_25: 1.41 · 1.71; global_pool 1.37 · 1.65, stem_block 1.27 · 1.05;
+- ppcls_shufflenet_v2_x0_33: 1.39 · 1.67; global_pool 1.41 · 1.57, stem_block 1.30 · 1.06;
+- ppcls_shufflenet_v2_swish: 1.43 · 1.73; stem_block 1.42 · 1.29, swish 1.03 · 0.96;
+
+(``stem`` and ``stem_pool``: 0.5-1.2 everywhere). What an island costs more than it saves:
+
+- the boundary: at 112x112 the fp32 convolution's output leaves the blocked layout (ReorderOutput), is quantized and
+  transposed to the int8 kernels' channels-last layout, three passes over the largest tensor of the network
+  (Lite0's ``stem``, batch 32: 20.5 ms for the fp32 stem and its boundary against 10.9 ms for the int8 stem with the
+  input's quantization);
+- after an fp32 stem the max pool runs as a channels-first uint8 MaxPool, even when it is left in fp32 itself (ONNX
+  Runtime moves the QuantizeLinear after it up through it), far slower than the channels-last one of the plain int8
+  model (x0.25, batch 1: 1.7 against 0.1 ms);
+- swish in fp32 runs as DequantizeLinear, Sigmoid, Mul and QuantizeLinear, not fused (batch 32: 91 ms against 21 ms
+  for QLinearSigmoid and QLinearMul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from quantize.bench.latency import package_version
+from quantize.bench.zoo import DEFAULT_CALIB_ROOT, build, calibrated, calibration_images
+from quantize.core.artifacts import read_json, write_text
+from quantize.core.errors import QuantizeError
+from quantize.core.runtime import cpu_name
+from quantize.graph.optimize import VERSION as GRAPH_VERSION
+from quantize.stages.speed import time_blocks
+
+SCHEMA = "quantize-bench-islands/1"
+# The entries short of issue #17's speed goal in benchmarks/results/zoo/zoo.json (rewrite version 5).
+SHORT_ENTRIES = ("efficientnet_lite0", "mmcls_shufflenet_v1_x1_0_g3", "megvii_shufflenet_v2_x0_5",
+                 "ppcls_shufflenet_v2_x0_25", "ppcls_shufflenet_v2_x0_33", "ppcls_shufflenet_v2_swish")
+ACTIVATION_OPS = ("Relu", "Clip", "Sigmoid", "Mul")
+
+
+class _Nodes:
+    """Who reads each tensor, and which tensors are constants, of one graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.constants = {i.name for i in model.graph.initializer}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+
+    def activation(self, node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str]:
+        """The element-wise activation after ``node`` (ReLU, ReLU6 as Clip, or swish: Sigmoid and the Mul of x by
+        it) and the tensor it ends in; ``([], node's output)`` when there is none."""
+        reached, chain, end = {node.output[0]}, [], node.output[0]
+        progress = True
+        while progress:
+            progress = False
+            for tensor in list(reached):
+                for reader in self.readers.get(tensor, []):
+                    if reader.op_type not in ACTIVATION_OPS or any(reader is c for c in chain):
+                        continue
+                    if all(i in reached or i in self.constants for i in reader.input if i):
+                        chain.append(reader)
+                        reached.add(reader.output[0])
+                        progress = True
+        ends = [c.output[0] for c in chain if not any(r in chain for r in self.readers.get(c.output[0], []))]
+        if len(ends) == 1:
+            end = ends[0]
+        return chain, end
+
+    def stem(self) -> tuple[list[onnx.NodeProto], str] | None:
+        """The first convolution (reading the network input, or the ``stem_channels`` Gather of it) with its
+        activation, and the tensor they end in."""
+        inputs = {i.name for i in self.graph.input} - self.constants
+        widened = {n.output[0] for n in self.graph.node if n.op_type == "Gather" and n.input[0] in inputs}
+        for node in self.graph.node:
+            if node.op_type == "Conv" and (node.input[0] in inputs or node.input[0] in widened):
+                chain, end = self.activation(node)
+                return [node, *chain], end
+        return None
+
+    def max_pool_after(self, tensor: str) -> onnx.NodeProto | None:
+        pools = [r for r in self.readers.get(tensor, []) if r.op_type == "MaxPool"]
+        return pools[0] if len(pools) == 1 else None
+
+
+def _stem(nodes: _Nodes) -> list[onnx.NodeProto]:
+    found = nodes.stem()
+    return found[0] if found else []
+
+
+def _stem_pool(nodes: _Nodes) -> list[onnx.NodeProto]:
+    found = nodes.stem()
+    pool = found and nodes.max_pool_after(found[1])
+    return [*found[0], pool] if pool else []
+
+
+def _stem_block(nodes: _Nodes) -> list[onnx.NodeProto]:
+    found = nodes.stem()
+    if not found:
+        return []
+    island, end = found
+    pool = nodes.max_pool_after(end)
+    if pool is not None:
+        island, end = [*island, pool], pool.output[0]
+    convs = [r for r in nodes.readers.get(end, []) if r.op_type == "Conv"]
+    if not convs:
+        return []
+    for conv in convs:
+        island += [conv, *nodes.activation(conv)[0]]
+    return island
+
+
+def _swish(nodes: _Nodes) -> list[onnx.NodeProto]:
+    island = []
+    for node in nodes.graph.node:
+        if node.op_type != "Sigmoid":
+            continue
+        muls = [r for r in nodes.readers.get(node.output[0], [])
+                if r.op_type == "Mul" and set(r.input) == {node.input[0], node.output[0]}]
+        if muls:
+            island += [node, *muls]
+    return island
+
+
+def _global_pool(nodes: _Nodes) -> list[onnx.NodeProto]:
+    return [n for n in nodes.graph.node if n.op_type == "GlobalAveragePool"]
+
+
+ISLANDS: dict[str, Callable[[_Nodes], list[onnx.NodeProto]]] = {
+    "stem": _stem, "stem_pool": _stem_pool, "stem_block": _stem_block, "swish": _swish, "global_pool": _global_pool,
+}
+
+
+def island_nodes(model: onnx.ModelProto, island: str) -> list[str]:
+    """Names of the nodes of ``island`` (a key of ``ISLANDS``) in ``model``; empty when the model has no such part."""
+    return [n.name for n in ISLANDS[island](_Nodes(model))]
+
+
+def holds_stem(model: onnx.ModelProto, names: list[str]) -> bool:
+    stem = _Nodes(model).stem()
+    return bool(stem) and stem[0][0].name in names
+
+
+def own_initializers(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the nodes ``names`` read initializers of their own: an initializer they share with
+    other nodes is copied under a new name. The quantizer leaves those copies in float, so the fp32 nodes keep
+    constant weights (the exporter shares equal initializers, such as a random-init network's zero biases)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    keep = set(names)
+    users: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in set(node.input):
+            users[name] = users.get(name, 0) + 1
+    taken = set(inits) | {t for n in out.graph.node for t in (*n.input, *n.output)}
+    for node in out.graph.node:
+        if node.name not in keep:
+            continue
+        for k, name in enumerate(node.input):
+            if name in inits and users[name] > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = _fresh(f"{name}__fp32", taken)
+                out.graph.initializer.append(copy)
+                node.input[k] = copy.name
+    return out
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def quantize_with_island(graph: Path, ranges: Path, names: list[str], out: Path) -> Path:
+    """The int8 model of ``graph`` (bench-zoo's layout and ranges) with the nodes ``names`` left in fp32."""
+    from quantize.stages.static_quant import quantize_model
+
+    prepared = out.with_suffix(".fp32.onnx")
+    onnx.save(own_initializers(onnx.load(str(graph)), names), str(prepared))
+    quantize_model(prepared, ranges, out, method="percentile", optimize_graph=False, nodes_to_exclude=names)
+    return out
+
+
+def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str, Any]:
+    from quantize.data.preprocess import Preprocess
+    from quantize.models.zoo import entries
+    from quantize.stages.static_quant import quantize_model
+
+    entry = entries([name])[0]
+    preprocess = Preprocess.from_config(entry.preprocess)
+    key = repr(preprocess.key())
+    if key not in image_cache:
+        image_cache[key] = calibration_images(args.calib_root, args.calib_images, preprocess)
+    images = image_cache[key]
+    with tempfile.TemporaryDirectory(prefix="bench-islands.") as scratch:
+        work = Path(scratch)
+        fp32 = build(entry, work, images[:2])
+        graph, ranges, _ = calibrated(fp32, images, work)
+        quantize_model(graph, ranges, work / "int8.onnx", method="percentile", optimize_graph=False)
+        models = {"fp32": fp32, "int8": work / "int8.onnx"}
+        rewritten = onnx.load(str(graph))
+        islands: dict[str, list[str]] = {}
+        plain_stem: tuple[Path, Path] | None = None
+        for island in args.islands:
+            names = island_nodes(rewritten, island)
+            if not names or any(names == other for other in islands.values()):
+                continue  # the entry has no such part, or it is the same island as one already built
+            source, source_ranges = graph, ranges
+            if holds_stem(rewritten, names):
+                if plain_stem is None:
+                    plain_stem = calibrated(fp32, images, work, skip=("stem_channels",), tag="plain_stem")[:2]
+                source, source_ranges = plain_stem
+            islands[island] = names
+            models[island] = quantize_with_island(source, source_ranges, names, work / f"island-{island}.onnx")
+        rng = np.random.default_rng(0)
+        single = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
+        batched = rng.standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
+        load_before = os.getloadavg()[0]
+        per_run = []
+        for _ in range(args.runs):
+            b1 = time_blocks(models, single, args.iterations, threads=args.threads, warmup=3, blocks=args.blocks)
+            bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=1,
+                             blocks=min(args.blocks, args.batch_iterations))
+            per_run.append({tag: {"b1": 1000 * statistics.median(b1[tag]),
+                                  f"b{args.batch}": 1000 * statistics.median(bn[tag])} for tag in models})
+        load_after = os.getloadavg()[0]
+    batches = list(per_run[0]["fp32"])
+    ratios = [{tag: {b: run["fp32"][b] / run[tag][b] for b in batches} for tag in models} for run in per_run]
+    ratio = {tag: {b: statistics.median(r[tag][b] for r in ratios) for b in batches} for tag in models}
+    return {
+        "entry": name,
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "islands": islands,
+        "ms": {tag: {b: statistics.median(run[tag][b] for run in per_run) for b in batches} for tag in models},
+        "ratio": ratio,
+        "ratios": ratios,
+        "faster_than_int8": [i for i in islands if all(ratio[i][b] > ratio["int8"][b] for b in batches)],
+        "load": [round(load_before, 2), round(load_after, 2)],
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    batch = f"b{result['settings']['batch']}"
+    lines = [f"{result['machine']['cpu']}, {result['machine']['cores']} cores, onnxruntime "
+             f"{result['machine']['onnxruntime']}, {result['settings']['threads']} threads, graph rewrites "
+             f"v{result['graph_version']}; bench-zoo's models (random init); ratio = fp32 ms / model ms (>1: faster "
+             f"than fp32), median of {result['settings']['runs']} interleaved runs; load = 1-min load average "
+             f"before/after timing",
+             "",
+             f"| entry | kept in fp32 | nodes | ratio b1 | ratio {batch} | int8 ratio b1 · {batch} | load |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["entries"]:
+        plain = row["ratio"]["int8"]
+        for island, names in row["islands"].items():
+            r = row["ratio"][island]
+            lines.append(f"| {row['entry']} | {island} | {len(names)} | {r['b1']:.2f} | {r[batch]:.2f} | "
+                         f"{plain['b1']:.2f} · {plain[batch]:.2f} | {row['load'][0]:.1f}–{row['load'][1]:.1f} |")
+    return "\n".join(lines)
+
+
+def _merged(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of an earlier islands.json for other entries, then ``rows``, in zoo order."""
+    path = out / "islands.json"
+    earlier = []
+    if path.is_file():
+        try:
+            old = read_json(path)
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict) and old.get("schema") == SCHEMA:
+            earlier = [r for r in old.get("entries", []) if r["entry"] not in {row["entry"] for row in rows}]
+    order = {name: k for k, name in enumerate(SHORT_ENTRIES)}
+    return sorted(earlier + rows, key=lambda r: (order.get(r["entry"], len(order)), r["entry"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantize.bench.islands", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", help=f"comma-separated entries (default: {','.join(SHORT_ENTRIES)})")
+    parser.add_argument("--islands", default=",".join(ISLANDS), help="comma-separated candidate islands")
+    parser.add_argument("--calib-root", type=Path, default=DEFAULT_CALIB_ROOT)
+    parser.add_argument("--calib-images", type=int, default=50)
+    parser.add_argument("--iterations", type=int, default=100, help="batch-1 runs per model")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch-iterations", type=int, default=10, help="runs per model at --batch")
+    parser.add_argument("--blocks", type=int, default=8, help="alternating blocks the runs are split in")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="whole timings per entry; ratios are their median")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo_islands"))
+    args = parser.parse_args(argv)
+    try:
+        names = args.models.split(",") if args.models else list(SHORT_ENTRIES)
+        args.islands = args.islands.split(",")
+        unknown = sorted(set(args.islands) - set(ISLANDS))
+        if unknown:
+            raise QuantizeError(f"unknown islands {', '.join(unknown)}; known: {', '.join(ISLANDS)}")
+        if not args.calib_root.is_dir():
+            raise QuantizeError(f"--calib-root {args.calib_root} is not a folder of images")
+        image_cache: dict = {}
+        result: dict[str, Any] = {
+            "schema": SCHEMA,
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": package_version("onnxruntime")},
+            "graph_version": GRAPH_VERSION,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "models"},
+            "entries": [],
+        }
+        rows = []
+        for name in names:
+            row = measure(name, args, image_cache)
+            rows.append(row)
+            print(f"{name}: " + ", ".join(f"{tag} {r['b1']:.2f}/{r[f'b{args.batch}']:.2f}"
+                                          for tag, r in row["ratio"].items() if tag != "fp32")
+                  + f" (b1/b{args.batch}; load {row['load'][0]:.1f}-{row['load'][1]:.1f})", file=sys.stderr,
+                  flush=True)
+            result["entries"] = _merged(args.out, rows)
+            write_text(args.out / "islands.json", json.dumps(result, indent=2) + "\n")
+            write_text(args.out / "islands.md", "# int8 with fp32 islands vs fp32 (`make bench-islands`)\n\n"
+                       + table(result) + "\n")
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
