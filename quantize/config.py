@@ -178,7 +178,9 @@ class QuantConfig:
     balance_strength: float = 1.0  # s_c = (max peak / peak_c) ** strength
     balance_images: Optional[int] = 256  # calibration images range balancing reads (null: all)
     shared_concat_ranges: bool = False  # a Concat's inputs and output quantized on one range (shared_ranges.py)
-    pixel_input: bool = False      # the int8 model quantizes 8-bit pixels, exact at scale 1 (graph/pixel_input.py)
+    # the int8 model quantizes 8-bit pixels, exact at scale 1 (graph/pixel_input.py): ShuffleNetV2 x1.0 agreement
+    # +0.5 points for 5-10% of int8 speed, so off in every preset (README, "Accuracy beyond the default")
+    pixel_input: bool = False
     weight_scales: WeightScales = WeightScales.max  # search: per-channel scales of least rounding error
     weight_rounding: WeightRounding = WeightRounding.nearest  # gptq: int8 weights minimizing each layer's output error
     bias_correction: bool = False  # int32 biases moved so each Conv/Gemm's mean output per channel matches fp32

@@ -193,13 +193,13 @@ def as_table(result: dict[str, Any]) -> str:
 VARIANTS: dict[str, list[str]] = {
     "plain": ["quant=u8s8_plain", "calib=percentile"],
     "gptq-only": ["quant=u8s8_accurate", "calib=percentile"],
-    "no-pixel-input": ["quant.pixel_input=false"],
     "no-balance": ["quant.balance=false"],
     "percentile": ["calib=percentile"],
     "no-shared-concat": ["quant.shared_concat_ranges=false"],
     "no-weight-scales": ["quant.weight_scales=max"],
     "no-gptq": ["quant.weight_rounding=nearest"],
     "bias-correction": ["quant.bias_correction=true"],
+    "pixel-input": ["quant.pixel_input=true"],
 }
 
 

@@ -65,16 +65,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import onnx
 
 from quantize.bench.latency import package_version
-from quantize.bench.zoo import DEFAULT_CALIB_ROOT, build, calibrated, calibration_images
+from quantize.bench.zoo import DEFAULT_CALIB_ROOT, build, calibrated, entry_and_images, interleaved_ms
 from quantize.core.artifacts import read_json, write_text
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import cpu_name
 from quantize.graph.optimize import VERSION as GRAPH_VERSION
-from quantize.stages.speed import time_blocks
 
 SCHEMA = "quantize-bench-islands/1"
 # The entries short of issue #17's speed goal in benchmarks/results/zoo/zoo.json (rewrite version 5).
@@ -233,16 +231,9 @@ def quantize_with_island(graph: Path, ranges: Path, names: list[str], out: Path)
 
 
 def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str, Any]:
-    from quantize.data.preprocess import Preprocess
-    from quantize.models.zoo import entries
     from quantize.stages.static_quant import quantize_model
 
-    entry = entries([name])[0]
-    preprocess = Preprocess.from_config(entry.preprocess)
-    key = repr(preprocess.key())
-    if key not in image_cache:
-        image_cache[key] = calibration_images(args.calib_root, args.calib_images, preprocess)
-    images = image_cache[key]
+    entry, images = entry_and_images(name, args, image_cache)
     with tempfile.TemporaryDirectory(prefix="bench-islands.") as scratch:
         work = Path(scratch)
         fp32 = build(entry, work, images[:2])
@@ -263,18 +254,7 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
                 source, source_ranges = plain_stem
             islands[island] = names
             models[island] = quantize_with_island(source, source_ranges, names, work / f"island-{island}.onnx")
-        rng = np.random.default_rng(0)
-        single = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
-        batched = rng.standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
-        load_before = os.getloadavg()[0]
-        per_run = []
-        for _ in range(args.runs):
-            b1 = time_blocks(models, single, args.iterations, threads=args.threads, warmup=3, blocks=args.blocks)
-            bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=1,
-                             blocks=min(args.blocks, args.batch_iterations))
-            per_run.append({tag: {"b1": 1000 * statistics.median(b1[tag]),
-                                  f"b{args.batch}": 1000 * statistics.median(bn[tag])} for tag in models})
-        load_after = os.getloadavg()[0]
+        per_run, _, _, load = interleaved_ms(models, args)
     batches = list(per_run[0]["fp32"])
     ratios = [{tag: {b: run["fp32"][b] / run[tag][b] for b in batches} for tag in models} for run in per_run]
     ratio = {tag: {b: statistics.median(r[tag][b] for r in ratios) for b in batches} for tag in models}
@@ -286,7 +266,7 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
         "ratio": ratio,
         "ratios": ratios,
         "faster_than_int8": [i for i in islands if all(ratio[i][b] > ratio["int8"][b] for b in batches)],
-        "load": [round(load_before, 2), round(load_after, 2)],
+        "load": load,
     }
 
 

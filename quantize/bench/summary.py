@@ -40,6 +40,7 @@ def _artifacts_of(results: Path, *patterns: str) -> Iterator[tuple[str, Path, di
 def _pm(value: float | None, se: float | None, digits: int = 2, unit: str = "") -> str:
     if value is None:
         return "—"
+    value = round(value, digits) + 0.0  # no "-0.00"
     return f"{value:.{digits}f}{unit}" + ("" if se is None else f" ± {se:.{digits}f}{unit}")
 
 

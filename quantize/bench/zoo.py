@@ -63,15 +63,14 @@ def build(entry: Any, work: Path, check_batch: np.ndarray) -> Path:
     return path
 
 
-def calibrated(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = (), tag: str = "int8",
-               pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[Path, Path, dict]:
-    """The rewritten graph (``skip`` leaves rewrites out; ``pixels``, the input's normalization, has the int8 model
-    quantize pixels: ``graph.pixel_input``), its ranges (percentile, each Concat's inputs and output on one range)
-    and the rewrite counts, written to ``work`` under ``tag``."""
+def calibrated(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = (), tag: str = "int8"
+               ) -> tuple[Path, Path, dict]:
+    """The rewritten graph (``skip`` leaves rewrites out), its ranges (percentile, each Concat's inputs and output on
+    one range) and the rewrite counts, written to ``work`` under ``tag``."""
     from quantize.accuracy.shared_ranges import share_concat_ranges
     from quantize.stages.calibrate import calibrate, save_ranges
 
-    rewritten, report = optimize(onnx.load(str(fp32)), skip=skip, pixels=pixels)
+    rewritten, report = optimize(onnx.load(str(fp32)), skip=skip)
     graph = work / f"{tag}.rewritten.onnx"
     onnx.save(rewritten, str(graph))
     ranges = work / f"{tag}.ranges.json"
@@ -82,17 +81,15 @@ def calibrated(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...]
     return graph, shared, report.as_dict()
 
 
-def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = (),
-              pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[Path, dict]:
+def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """Calibrate (percentile) and quantize the rewritten graph in the default recipe's int8 layout (U8S8
-    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy, and the input
-    as pixels when ``pixels`` is given: the fp32 mapping is timed too); ``skip`` leaves rewrites out. The default
-    recipe's other parts change values only, not the kernels timed here. Returns the int8 path and the rewrite
-    counts."""
+    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy); ``skip``
+    leaves rewrites out. The default recipe's other parts change values only, not the kernels timed here.
+    Returns the int8 path and the rewrite counts."""
     from quantize.stages.static_quant import quantize_model
 
     tag = "before" if skip else "int8"
-    graph, ranges, report = calibrated(fp32, images, work, skip, tag, pixels=pixels)
+    graph, ranges, report = calibrated(fp32, images, work, skip, tag)
     out = work / f"{tag}.onnx"
     quantize_model(graph, ranges, out, method="percentile", optimize_graph=False)
     return out, report
@@ -121,7 +118,9 @@ def top(ops: dict[str, float], n: int = 4) -> list[list]:
     return [[op, round(ms, 3), round(100 * ms / total, 1)] for op, ms in list(ops.items())[:n]]
 
 
-def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str, Any]:
+def entry_and_images(name: str, args: argparse.Namespace, image_cache: dict) -> tuple[Any, np.ndarray]:
+    """The zoo entry ``name`` and its calibration images in its own preprocessing (``image_cache`` keeps them per
+    preprocessing across entries)."""
     from quantize.data.preprocess import Preprocess
     from quantize.models.zoo import entries
 
@@ -130,28 +129,40 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
     key = repr(preprocess.key())
     if key not in image_cache:
         image_cache[key] = calibration_images(args.calib_root, args.calib_images, preprocess)
-    images = image_cache[key]
+    return entry, image_cache[key]
+
+
+def interleaved_ms(models: dict[str, Path], args: argparse.Namespace
+                   ) -> tuple[list[dict[str, dict[str, float]]], np.ndarray, np.ndarray, list[float]]:
+    """``args.runs`` whole timings of every model, interleaved (``time_blocks``) at batch 1 and ``args.batch`` on
+    random inputs: per run, the median ms by model and batch (``b1``, ``b<batch>``); the two inputs; and the load
+    average before and after."""
+    rng = np.random.default_rng(0)
+    single = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
+    batched = rng.standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
+    load_before = os.getloadavg()[0]
+    per_run = []
+    for _ in range(args.runs):
+        b1 = time_blocks(models, single, args.iterations, threads=args.threads, warmup=3, blocks=args.blocks)
+        bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=1,
+                         blocks=min(args.blocks, args.batch_iterations))
+        per_run.append({tag: {"b1": 1000 * statistics.median(b1[tag]),
+                              f"b{args.batch}": 1000 * statistics.median(bn[tag])} for tag in models})
+    return per_run, single, batched, [round(load_before, 2), round(os.getloadavg()[0], 2)]
+
+
+def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str, Any]:
+    entry, images = entry_and_images(name, args, image_cache)
     with tempfile.TemporaryDirectory(prefix="bench-zoo.") as scratch:
         work = Path(scratch)
         started = time.perf_counter()
         fp32 = build(entry, work, images[:2])
-        int8, rewrites = quantized(fp32, images, work, pixels=preprocess.pixel_mapping())
+        int8, rewrites = quantized(fp32, images, work)
         models = {"fp32": fp32, "int8": int8}
         if args.before:
             models["before"], _ = quantized(fp32, images, work, skip=ZOO_REWRITES)
         build_seconds = time.perf_counter() - started
-        rng = np.random.default_rng(0)
-        single = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
-        batched = rng.standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
-        load_before = os.getloadavg()[0]
-        per_run = []  # ms per model and batch, one dict per whole measurement
-        for _ in range(args.runs):
-            b1 = time_blocks(models, single, args.iterations, threads=args.threads, warmup=3, blocks=args.blocks)
-            bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=1,
-                             blocks=min(args.blocks, args.batch_iterations))
-            per_run.append({tag: {"b1": 1000 * statistics.median(b1[tag]),
-                                  f"b{args.batch}": 1000 * statistics.median(bn[tag])} for tag in models})
-        load_after = os.getloadavg()[0]
+        per_run, single, batched, load = interleaved_ms(models, args)
         ms = {tag: {k: statistics.median(run[tag][k] for run in per_run) for k in per_run[0][tag]} for tag in models}
         ratios = [{k: run["fp32"][k] / run["int8"][k] for k in run["fp32"]} for run in per_run]
         where = {tag: {"b1": top(profile(models[tag], single, args.profile_runs * 5, args.threads, work)),
@@ -161,7 +172,7 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
         "entry": name, "ms": ms,
         "ratio": {k: statistics.median(r[k] for r in ratios) for k in ratios[0]},  # median over runs
         "ratios": ratios,
-        "where": where, "load": [round(load_before, 2), round(load_after, 2)],
+        "where": where, "load": load,
         "rewrites": {k: v for k, v in rewrites.items() if not k.startswith("folded_")},
         "build_seconds": round(build_seconds, 1),
     }

@@ -10,13 +10,19 @@ nothing). The pixels themselves are integers 0..255: quantized with scale 1 and 
 So the graph maps its input back to pixels, ``p = x * gain[c] + offset[c]`` (``gain = std / scale``,
 ``offset = mean / scale``), in fp32, and the convolutions reading it take pixels, their weights divided by
 ``gain`` and their biases less ``sum(W * offset / gain)``. Their zero padding, which is ``offset[c]`` in pixels (not
-an integer: 123.675 for torchvision's red), moves into an explicit ``Pad`` of ``x`` before the mapping:
-``x -> Pad(0) -> Mul(gain) -> Add(offset) -> Conv(pads 0)``. Exact in fp32. In the int8 model the mapping stays in
-fp32 (a few elementwise operations on the input) and only the padding ring is rounded (to the nearest pixel level).
+an integer: 123.675 for torchvision's red), moves into the mapping: one fp32 depthwise 1x1 convolution with weights
+``gain``, bias ``offset`` and the stem's pads, whose output is ``offset[c]`` where it pads. Exact in fp32. The int8
+model keeps the mapping in fp32 and quantizes its output with scale 1 and zero point 0; only the padding ring is
+rounded (to the nearest pixel level).
+
+Cost (ShuffleNetV2 x1.0, the int8 model against itself without the mapping, 2 threads, interleaved, two sessions
+of three runs): 0-13% at batch 1, 5-10% at batch 32, one fp32 pass over the input that ONNX Runtime runs slowly.
+Written as ``Pad -> Mul -> Add``, or as a Pad and a per-channel QuantizeLinear (slower than the per-tensor one),
+it cost as much or more. The agreement gain (+0.5 points on ShuffleNetV2 x1.0) did not pay for that in the
+default recipe: ``quant.pixel_input`` is an option.
 
 An input already on one pixel grid with a pixel level at zero (EfficientNet-Lite0's ``(pixel - 127) / 128``, or
-raw pixels) needs no mapping, which would cost time (~2-4% of ShuffleNetV2 x1.0's int8 time at batch 1): its
-range is pinned to the pixels' (-127/128 .. 1), a scale of one pixel level.
+raw pixels) needs no mapping: its range is pinned to the pixels' (-127/128 .. 1), a scale of one pixel level.
 
 The rewrite names what the quantizer must know in the model's metadata (``PIXELS_KEY``: the tensors holding
 pixels; ``RANGE_KEY``: the range they are quantized on, whatever the calibration images held; ``NODES_KEY``: the
@@ -35,6 +41,8 @@ PIXELS_KEY = "quantize.pixel_input.tensor"
 NODES_KEY = "quantize.pixel_input.nodes"
 RANGE_KEY = "quantize.pixel_input.range"
 PIXEL_RANGE = (0.0, 255.0)
+# Bumped when the rewritten graph changes (cache keys): 1 Pad -> Mul -> Add; 2 one depthwise 1x1 convolution.
+VERSION = 2
 
 
 def input_to_pixels(g: Graph, report: Report, gain: tuple[float, ...], offset: tuple[float, ...]) -> None:
@@ -53,22 +61,15 @@ def input_to_pixels(g: Graph, report: Report, gain: tuple[float, ...], offset: t
         _record(g, source, [], (low, high))
         report.add("input_on_pixel_grid")
         return
-    nodes: list[onnx.NodeProto] = []
-    tensor = source
-    if pads and np.any(offset_c != 0):  # a zero offset pads pixels with 0, which the convolution's own pads do
-        tensor = _append(g, nodes, "Pad", tensor, [_int64(g, f"{source}_pads", _pad_input(pads))], mode="constant")
-        for conv, _ in convs:
+    mapping = _mapping_conv(g, source, gain_c, offset_c, pads)
+    for conv, _ in convs:
+        if pads:
             set_attr(conv, "pads", [0] * len(pads))
-    if np.any(gain_c != 1):
-        tensor = _append(g, nodes, "Mul", tensor, [_channels(g, f"{source}_pixel_gain", gain_c)])
-    if np.any(offset_c != 0):
-        tensor = _append(g, nodes, "Add", tensor, [_channels(g, f"{source}_pixel_offset", offset_c)])
     for conv, channel_of in convs:
         _fold_into_weights(g, conv, gain_c[channel_of], offset_c[channel_of])
-    if nodes:
-        g.rename_uses(source, tensor)  # before the mapping joins the graph: it alone reads the input itself
-        g.nodes[0:0] = nodes
-    _record(g, tensor, nodes, PIXEL_RANGE)
+    g.rename_uses(source, mapping.output[0])  # before the mapping joins the graph: it alone reads the input itself
+    g.nodes.insert(0, mapping)
+    _record(g, mapping.output[0], [mapping], PIXEL_RANGE)
     report.add("input_as_pixels")
 
 
@@ -143,29 +144,16 @@ def _fold_into_weights(g: Graph, conv: onnx.NodeProto, gain: np.ndarray, offset:
         conv.input.append(bias_name)
 
 
-def _append(g: Graph, nodes: list[onnx.NodeProto], op: str, tensor: str, constants: list[str], **attrs
-            ) -> str:
-    out = g.fresh(f"pixel_input_{op.lower()}")
-    nodes.append(helper.make_node(op, [tensor, *constants], [out], name=f"{out}_{op}", **attrs))
-    return out
-
-
-def _pad_input(conv_pads: tuple[int, ...]) -> np.ndarray:
-    """ONNX Pad's amounts (every axis' begins, then ends) from a 2-D convolution's ``pads`` (t, l, b, r)."""
-    top, left, bottom, right = conv_pads
-    return np.array([0, 0, top, left, 0, 0, bottom, right], dtype=np.int64)
-
-
-def _int64(g: Graph, base: str, value: np.ndarray) -> str:
-    name = g.fresh(base)
-    g.set_init(name, value)
-    return name
-
-
-def _channels(g: Graph, base: str, per_channel: np.ndarray) -> str:
-    name = g.fresh(base)
-    g.set_init(name, per_channel.astype(np.float32).reshape(1, -1, 1, 1))
-    return name
+def _mapping_conv(g: Graph, source: str, gain: np.ndarray, offset: np.ndarray, pads: tuple[int, ...]
+                  ) -> onnx.NodeProto:
+    """``pixel = input * gain[c] + offset[c]`` with the padding ``pads`` (zero input: ``offset[c]``), as one fp32
+    depthwise 1x1 convolution."""
+    weight, bias = g.fresh(f"{source}_pixel_gain"), g.fresh(f"{source}_pixel_offset")
+    g.set_init(weight, gain.astype(np.float32).reshape(-1, 1, 1, 1))
+    g.set_init(bias, offset.astype(np.float32))
+    out = g.fresh("pixel_input")
+    return helper.make_node("Conv", [source, weight, bias], [out], name=f"{out}_Conv", group=len(gain),
+                            kernel_shape=[1, 1], pads=list(pads) if pads else [0, 0, 0, 0])
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

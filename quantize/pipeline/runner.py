@@ -38,6 +38,7 @@ from quantize.core.inference import DEFAULT as DEFAULT_RUNTIME, get_runtime
 from quantize.stages.evaluate import FULL_VAL, evaluate
 from quantize.stages.export import Exported, export_onnx, import_onnx
 from quantize.graph.optimize import VERSION as GRAPH_OPT_VERSION, optimize as optimize_graph
+from quantize.graph.pixel_input import VERSION as PIXEL_INPUT_VERSION
 from quantize.data.image_list import match_image_list, read_image_list
 from quantize.data.preprocess import Preprocess
 from quantize.pipeline.records import (RECORDS, CalibrateRecord, EvaluateRecord, ExportRecord, OptimizeRecord,
@@ -351,7 +352,8 @@ class Pipeline:
         pixels = self.preprocess.pixel_mapping() if self.cfg.quant.pixel_input else None
         inputs = {"model_sha256": source.sha256, "graph_opt": GRAPH_OPT_VERSION,
                   # only when on: graphs optimized before the option existed keep their key
-                  **({"pixel_input": [list(pixels[0]), list(pixels[1])]} if pixels else {})}
+                  **({"pixel_input": [list(pixels[0]), list(pixels[1])], "pixel_input_version": PIXEL_INPUT_VERSION}
+                     if pixels else {})}
 
         def work(stage_dir: Path) -> OptimizeRecord:
             started = time.perf_counter()

@@ -84,7 +84,6 @@ def test_default_recipe_through_the_api_matches_the_cli(tmp_path):
                                     tmp_path / "api" / "m.int8.onnx")
     api = quantize.quantize_model(first.fp32_path, images_in(data), tmp_path / "api2" / "m.int8.onnx")
     assert api.details["refine"]["weight_scales"]["layers"] > 0 and "balance" in api.details
-    assert any(n.name.startswith("pixel_input") for n in onnx.load(str(api.int8_path)).graph.node)  # pixel input
     cfg = compose_config(["+model=onnx", f"model.path={first.fp32_path}", f"data.root={data}", "calib.list=null",
                           "calib.num_images=6", f"work_dir={tmp_path / 'work'}", "stages=[export,calibrate,quantize,refine]"])
     quantize.run_pipeline(cfg, tmp_path / "run")

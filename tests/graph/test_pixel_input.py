@@ -35,13 +35,13 @@ def stem_onnx(tmp_path_factory):
 def test_normalized_input_becomes_pixels_exactly(stem_onnx):
     rewritten, report = optimize(stem_onnx, pixels=TORCHVISION.pixel_mapping())
     assert report.as_dict()["input_as_pixels"] == 1
-    first = list(rewritten.graph.node)[:4]
-    assert [n.op_type for n in first] == ["Pad", "Mul", "Add", "Gather"]  # then the widened stem convolution
-    assert first[0].input[0] == "input" and first[3].input[0] == first[2].output[0]
-    stem = next(n for n in rewritten.graph.node if n.op_type == "Conv")
-    assert list(next(a.ints for a in stem.attribute if a.name == "pads")) == [0, 0, 0, 0]  # the Pad pads instead
+    first = list(rewritten.graph.node)[:2]
+    assert [n.op_type for n in first] == ["Conv", "Gather"]  # the mapping, then the stem's channel copy
+    mapping, stem = first[0], next(n for n in rewritten.graph.node if n.op_type == "Conv" and n is not first[0])
+    assert mapping.input[0] == "input" and first[1].input[0] == mapping.output[0]
+    assert list(next(a.ints for a in stem.attribute if a.name == "pads")) == [0, 0, 0, 0]  # the mapping pads
     tensors, nodes, _ = pixel_quantization(rewritten)
-    assert tensors == [first[2].output[0], first[3].output[0]] and nodes == [n.name for n in first[:3]]
+    assert tensors == [mapping.output[0], first[1].output[0]] and nodes == [mapping.name]
     tensor = tensors[0]
     x = normalize_batch(_pixels(4), TORCHVISION)
     for batch in (1, 4):
@@ -86,14 +86,14 @@ def _int8(stem_onnx, preprocess, tmp_path):
 
 
 def test_int8_model_quantizes_pixels_exactly(stem_onnx, tmp_path):
-    """Scale 1, zero point 0, quantized before the stem's channel copy; the mapping stays fp32; the calibrated range
-    of the pixels does not matter."""
+    """The mapping stays fp32; its output is quantized with scale 1 and zero point 0 before the stem's channel copy:
+    the integers are the pixels, whatever range the calibration images gave them."""
     rewritten, int8 = _int8(stem_onnx, TORCHVISION, tmp_path)
     (tensor, _), mapping, bounds = pixel_quantization(rewritten)
     assert bounds == (0.0, 255.0)
+    assert [n.name for n in int8.graph.node if n.op_type == "Conv" and n.input[0] == "input"] == mapping  # fp32
     quant = next(n for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
     assert any(n.op_type == "Gather" and n.input[0] == quant.output[0] for n in int8.graph.node)
-    assert {n.name for n in int8.graph.node if n.op_type in ("Pad", "Mul", "Add")} == set(mapping)
     x = normalize_batch(_pixels(4, seed=2), TORCHVISION)
     quantized = _outputs(int8, [quant.output[0]], x)[0]
     np.testing.assert_array_equal(quantized[:, :, 1:-1, 1:-1], _pixels(4, seed=2).transpose(0, 3, 1, 2))

@@ -2,9 +2,11 @@
 
 import json
 
+import onnx
 import pytest
 from PIL import Image
 
+from quantize.graph.pixel_input import pixel_quantization
 from quantize.pipeline.runner import Pipeline
 
 from conftest import write_tiny_imagenet
@@ -36,20 +38,17 @@ def test_plain_recipe_leaves_the_pipeline_unchanged(tiny):
 
 
 def test_default_recipe_runs_its_stages(tiny):
-    """No quant/calib override: pixel input, MSE ranges, range balancing, shared Concat ranges, weight-scale search,
-    GPTQ."""
+    """No quant/calib override: MSE ranges, range balancing, shared Concat ranges, weight-scale search, GPTQ."""
     root, data = tiny
     cfg = compose_config(tiny_overrides(data, root / "work", plain=False))
     q = cfg.quant
     assert cfg.calib.method == "mse"
     assert (q.balance, q.shared_concat_ranges, q.weight_scales, q.weight_rounding) == (True, True, "search", "gptq")
-    assert q.pixel_input
-    assert (q.equalize, q.bias_correction, q.max_drop) == (False, False, None)
+    assert (q.equalize, q.bias_correction, q.max_drop, q.pixel_input) == (False, False, None, False)
     pipeline = Pipeline(cfg, root / "run-default")
     report = pipeline.run()
     assert set(pipeline.records) == {"export", "balance", "optimize", "calibrate", "quantize", "refine", "evaluate"}
-    assert report["methods"]["label"] == "pixels+balance+concat+wscale+gptq"
-    assert pipeline.records["optimize"].rewrites["input_as_pixels"] == 1
+    assert report["methods"]["label"] == "balance+concat+wscale+gptq"
     m = report["methods"]
     assert m["balance_details"]["chains"] > 0  # ShuffleNetV2's stem and branch convolutions
     assert m["shared_ranges_details"]["groups"] > 0
@@ -60,6 +59,25 @@ def test_default_recipe_runs_its_stages(tiny):
     assert report["eval"]["num_images"] == 12
     # the plain run is not disturbed by the default's artifacts, and the export is shared
     assert report["stages"]["export"]["cached"]
+
+
+def test_pixel_input_option_reaches_the_int8_model(tiny):
+    """quant.pixel_input=true on the default recipe: the optimized graph maps its input to pixels and the final int8
+    model (after GPTQ) quantizes them with scale 1 and zero point 0."""
+    root, data = tiny
+    cfg = compose_config([*tiny_overrides(data, root / "work", plain=False), "quant.pixel_input=true"])
+    pipeline = Pipeline(cfg, root / "run-pixels")
+    report = pipeline.run()
+    assert report["methods"]["label"] == "pixels+balance+concat+wscale+gptq"
+    assert pipeline.records["optimize"].rewrites["input_as_pixels"] == 1
+    (pixels, _), mapping, _ = pixel_quantization(onnx.load(pipeline.records["optimize"].path))
+    int8 = onnx.load(report["onnx"]["int8_path"])
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in int8.graph.initializer}
+    values.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in int8.graph.node
+                   if n.op_type == "Constant"})
+    quant = next(n for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == pixels)
+    assert float(values[quant.input[1]]) == 1.0 and int(values[quant.input[2]]) == 0
+    assert [n.op_type for n in int8.graph.node if n.name in mapping] == ["Conv"]  # the mapping, in fp32
 
 
 def test_accurate_preset_composes():
