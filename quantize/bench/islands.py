@@ -24,9 +24,7 @@ The candidate islands (``ISLANDS``), found by structure in the rewritten graph:
 
 An island holding the stem convolution is built on the graph without the ``stem_channels`` rewrite, whose 4th input
 channel only helps the int8 kernel. The island's nodes get their own copies of initializers they share with
-quantized nodes (``own_initializers``): otherwise they read the quantized copy through a DequantizeLinear and ONNX
-Runtime, seeing no constant weight, runs them without its blocked (NCHWc) fp32 kernels (x0.25's fp32 stem at batch 1:
-0.46 instead of 0.22 ms).
+quantized nodes, as every excluded node does (``stages.static_quant.own_initializers``).
 
 Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 1.1-1.8 with the benchmark's own two
 threads): no island is faster than the plain int8 model at both batches for any of the six entries short of issue
@@ -186,47 +184,11 @@ def holds_stem(model: onnx.ModelProto, names: list[str]) -> bool:
     return bool(stem) and stem[0][0].name in names
 
 
-def own_initializers(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` in which the nodes ``names`` read initializers of their own: an initializer they share with
-    other nodes is copied under a new name. The quantizer leaves those copies in float, so the fp32 nodes keep
-    constant weights (the exporter shares equal initializers, such as a random-init network's zero biases)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {i.name: i for i in out.graph.initializer}
-    keep = set(names)
-    users: dict[str, int] = {}
-    for node in out.graph.node:
-        for name in set(node.input):
-            users[name] = users.get(name, 0) + 1
-    taken = set(inits) | {t for n in out.graph.node for t in (*n.input, *n.output)}
-    for node in out.graph.node:
-        if node.name not in keep:
-            continue
-        for k, name in enumerate(node.input):
-            if name in inits and users[name] > 1:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[name])
-                copy.name = _fresh(f"{name}__fp32", taken)
-                out.graph.initializer.append(copy)
-                node.input[k] = copy.name
-    return out
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
-
-
 def quantize_with_island(graph: Path, ranges: Path, names: list[str], out: Path) -> Path:
     """The int8 model of ``graph`` (bench-zoo's layout and ranges) with the nodes ``names`` left in fp32."""
     from quantize.stages.static_quant import quantize_model
 
-    prepared = out.with_suffix(".fp32.onnx")
-    onnx.save(own_initializers(onnx.load(str(graph)), names), str(prepared))
-    quantize_model(prepared, ranges, out, method="percentile", optimize_graph=False, nodes_to_exclude=names)
+    quantize_model(graph, ranges, out, method="percentile", optimize_graph=False, nodes_to_exclude=names)
     return out
 
 

@@ -402,7 +402,9 @@ class Pipeline:
         inputs = {"model_sha256": exported.sha256, "ranges_sha256": calibrated.sha256,
                   "method": calibrated.method, **options, "onnxruntime": metadata.version("onnxruntime"),
                   # only when on: quantizations cached before the option existed keep their key
-                  **({"shared_concat_ranges": True} if shared else {})}
+                  **({"shared_concat_ranges": True} if shared else {}),
+                  # excluded nodes read initializers of their own (static_quant.own_initializers), unlike before
+                  **({"excluded_own_initializers": True} if options["nodes_to_exclude"] else {})}
 
         def work(stage_dir: Path) -> QuantizeRecord:
             started = time.perf_counter()

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
 from torch import nn
 
 from conftest import SHARED_IMAGENET, needs_shared_imagenet
@@ -94,26 +93,6 @@ def test_island_stays_fp32_in_the_int8_model_which_validates(built):
     # the rest is quantized
     rest = [n for n in int8.graph.node if n.op_type in ("Conv", "Gemm") and n.name not in names]
     assert rest and all(made_by.get(n.input[0]) == "DequantizeLinear" for n in rest)
-
-
-def test_own_initializers_copies_only_what_is_shared():
-    shared = helper.make_tensor("b", TensorProto.FLOAT, [2], [0.0, 0.0])
-    own = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "b"], ["y"], name="kept"),
-         helper.make_node("Mul", ["y", "w"], ["z"], name="kept2"),
-         helper.make_node("Add", ["z", "b"], ["out"], name="quantized")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])], [shared, own])
-    model = helper.make_model(graph)
-    result = islands.own_initializers(model, ["kept", "kept2"])
-    nodes = {n.name: n for n in result.graph.node}
-    assert nodes["kept"].input[1] not in ("b", "w") and nodes["quantized"].input[1] == "b"
-    assert nodes["kept2"].input[1] == "w"  # not shared: left as it is
-    inits = {i.name: i for i in result.graph.initializer}
-    assert onnx.numpy_helper.to_array(inits[nodes["kept"].input[1]]).tolist() == [0.0, 0.0]
-    assert [n.input[1] for n in model.graph.node] == ["b", "w", "b"]  # the input model is not changed
-    onnx.checker.check_model(result)
 
 
 def _row(name, plain, island):

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 
 from quantize.stages.calibrate import activation_tensors, calibrate, save_ranges
 from quantize.core.errors import ConfigError, ModelError
@@ -13,7 +14,7 @@ from quantize.stages.evaluate import evaluate, top_classes, topk_hits
 from quantize.stages.export import export_onnx
 from quantize.core.runtime import make_session
 from quantize.graph.optimize import optimize
-from quantize.stages.static_quant import int8_opset, model_opset, quantize_model
+from quantize.stages.static_quant import int8_opset, model_opset, own_initializers, quantize_model
 
 from zoo_models import Tiny
 
@@ -166,3 +167,23 @@ def test_known_predictions_score_like_a_run_of_the_model(fp32, images):
     assert evaluate({"b": fp32.path}, batches, known={"a": shifted}).agreement_top1 < 100.0
     with pytest.raises(ValueError, match="cover 11 images"):
         evaluate({"b": fp32.path}, batches, known={"a": both.predictions["a"][:11]})
+
+
+def test_own_initializers_copies_only_what_is_shared():
+    shared = helper.make_tensor("b", TensorProto.FLOAT, [2], [0.0, 0.0])
+    own = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["y"], name="kept"),
+         helper.make_node("Mul", ["y", "w"], ["z"], name="kept2"),
+         helper.make_node("Add", ["z", "b"], ["out"], name="quantized")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])], [shared, own])
+    model = helper.make_model(graph)
+    result = own_initializers(model, ["kept", "kept2"])
+    nodes = {n.name: n for n in result.graph.node}
+    assert nodes["kept"].input[1] not in ("b", "w") and nodes["quantized"].input[1] == "b"
+    assert nodes["kept2"].input[1] == "w"  # not shared: left as it is
+    inits = {i.name: i for i in result.graph.initializer}
+    assert onnx.numpy_helper.to_array(inits[nodes["kept"].input[1]]).tolist() == [0.0, 0.0]
+    assert [n.input[1] for n in model.graph.node] == ["b", "w", "b"]  # the input model is not changed
+    onnx.checker.check_model(result)
