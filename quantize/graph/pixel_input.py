@@ -62,10 +62,9 @@ def input_to_pixels(g: Graph, report: Report, gain: tuple[float, ...], offset: t
         report.add("input_on_pixel_grid")
         return
     mapping = _mapping_conv(g, source, gain_c, offset_c, pads)
-    for conv, _ in convs:
-        if pads:
-            set_attr(conv, "pads", [0] * len(pads))
     for conv, channel_of in convs:
+        if pads:
+            set_attr(conv, "pads", [0] * len(pads))  # the mapping pads instead
         _fold_into_weights(g, conv, gain_c[channel_of], offset_c[channel_of])
     g.rename_uses(source, mapping.output[0])  # before the mapping joins the graph: it alone reads the input itself
     g.nodes.insert(0, mapping)
