@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from PIL import Image, ImageOps
 
 from quantize.bench.latency import emit
@@ -85,28 +86,47 @@ def top1_of(path: Path, batches: list[np.ndarray], threads: int) -> np.ndarray:
     return np.concatenate([session.run(None, {name: b})[0].argmax(axis=1) for b in batches])
 
 
-def held_out_predictions(fp32: Path, int8: Path, samples: list[Sample], p: Preprocess, views: int,
+def held_out_predictions(models: dict[str, Path], samples: list[Sample], p: Preprocess, views: int,
                          threads: int, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Top-1 of both models on every view of every sample; arrays of shape (len(samples), views)."""
+    """Top-1 of each model on every view of every sample; arrays of shape (len(samples), views)."""
     crops = []
     for s in samples:
         crops += [crop_uint8(v.convert("RGB"), p) for v in views_of(load_rgb(s.path), views)]
     batches = [normalize_batch(np.stack(crops[i:i + batch_size]), p) for i in range(0, len(crops), batch_size)]
-    return {name: top1_of(path, batches, threads).reshape(len(samples), views)
-            for name, path in (("fp32", fp32), ("int8", int8))}
+    return {name: top1_of(path, batches, threads).reshape(len(samples), views) for name, path in models.items()}
+
+
+def half_quantized(pipeline: Any, int8: Path, into: Path) -> dict[str, Path]:
+    """The int8 model with only its weights, and with only its activations, quantized (``accuracy.partial_quant``),
+    built from the graph the quantizer read."""
+    from quantize.accuracy.partial_quant import activations_only, weights_only
+
+    graph, quantized = onnx.load(pipeline.get("optimize").path), onnx.load(str(int8))
+    paths = {}
+    for name, build in (("weights_only", weights_only), ("activations_only", activations_only)):
+        paths[name] = into / f"{name}.onnx"
+        onnx.save(build(graph, quantized), str(paths[name]))
+    return paths
+
+
+def agreement_of(pred: np.ndarray, fp32: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement of ``pred`` with ``fp32`` (both (photos, views)) on all views, its standard error clustered by
+    photo (views of one photo are not independent)."""
+    per_photo = (pred == fp32).mean(axis=1)
+    return {"agreement": 100 * float(per_photo.mean()),
+            "agreement_se": 100 * float(per_photo.std(ddof=1)) / math.sqrt(len(per_photo)) if len(per_photo) > 1
+            else None}
 
 
 def fold_metrics(pred: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
     """Drop on the photos (paired), agreement on all views (clustered by photo), each with its standard error."""
-    right = {k: (v[:, 0] == labels).astype(float) for k, v in pred.items()}
+    right = {k: (pred[k][:, 0] == labels).astype(float) for k in ("fp32", "int8")}
     diff = right["fp32"] - right["int8"]
-    per_photo = (pred["fp32"] == pred["int8"]).mean(axis=1)
     n = len(labels)
     return {"photos": n, "views": int(pred["fp32"].size),
             "fp32_top1": 100 * right["fp32"].mean(), "int8_top1": 100 * right["int8"].mean(),
             "drop": 100 * diff.mean(), "drop_se": 100 * float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else None,
-            "agreement": 100 * float(per_photo.mean()),
-            "agreement_se": 100 * float(per_photo.std(ddof=1)) / math.sqrt(n) if n > 1 else None,
+            **agreement_of(pred["int8"], pred["fp32"]),
             "photo_agreement": 100 * float((pred["fp32"][:, 0] == pred["int8"][:, 0]).mean())}
 
 
@@ -125,7 +145,9 @@ def copy_tree(samples: list[Sample], root: Path, into: Path) -> Path:
 
 
 def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int = 12, work_dir: Path | None = None,
-        threads: int = 0) -> dict[str, Any]:
+        threads: int = 0, decompose: bool = False) -> dict[str, Any]:
+    """The cross-validated figures; with ``decompose`` also the agreement of the int8 model with only its weights,
+    and with only its activations, quantized (``half_quantized``), on the same views."""
     from quantize.jobs.release import compose_model
     from quantize.pipeline.runner import Pipeline
 
@@ -145,17 +167,31 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
             pipeline = Pipeline(cfg, Path(scratch) / f"run{k}")
             fp32 = Path(pipeline.get("export").path)
             int8 = Path(pipeline.accuracy.final_int8().path)
-            pred = held_out_predictions(fp32, int8, held_out, pipeline.preprocess, views, threads)
+            models = {"fp32": fp32, "int8": int8}
+            if decompose:
+                halves = Path(scratch) / f"halves{k}"
+                halves.mkdir()
+                models.update(half_quantized(pipeline, int8, halves))
+            pred = held_out_predictions(models, held_out, pipeline.preprocess, views, threads)
             fold_labels = np.array([s.label for s in held_out])
             results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})
             preds.append(pred)
             labels.append(fold_labels)
-            agreeing = (pred["fp32"] == pred["int8"]).sum(axis=1)
-            per_photo.update({s.path.relative_to(root).as_posix(): int(n) for s, n in zip(held_out, agreeing)})
+            for name in pred:
+                if name == "fp32":
+                    continue
+                agreeing = (pred["fp32"] == pred[name]).sum(axis=1)
+                per_photo.setdefault(name, {}).update(
+                    {s.path.relative_to(root).as_posix(): int(n) for s, n in zip(held_out, agreeing)})
             log.info("fold %d: %s", k, json.dumps(results[-1]))
-    return {"schema": SCHEMA, "model": model, "root": str(root), "overrides": overrides, "folds": results,
-            "all": combined(preds, labels), "views_per_photo": views, "agreeing_views": per_photo,
-            "seconds": time.perf_counter() - started,
+    result = {"schema": SCHEMA, "model": model, "root": str(root), "overrides": overrides, "folds": results,
+              "all": combined(preds, labels), "views_per_photo": views, "agreeing_views": per_photo["int8"]}
+    if decompose:
+        fp32_all = np.concatenate([p["fp32"] for p in preds])
+        result["half_quantized"] = {
+            name: {**agreement_of(np.concatenate([p[name] for p in preds]), fp32_all), "agreeing_views": per_photo[name]}
+            for name in ("weights_only", "activations_only")}
+    return {**result, "seconds": time.perf_counter() - started,
             "load_average": list(os.getloadavg()), "cores": os.cpu_count()}
 
 
@@ -185,6 +221,9 @@ def as_table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['fold']} | {row['photos']} | {row['fp32_top1']:.1f} | {row['int8_top1']:.1f} | "
                      f"{row['drop']:.2f}{se(row['drop_se'])} | {row['agreement']:.2f}{se(row['agreement_se'])} "
                      f"({row['views']}) | {row['photo_agreement']:.1f} |")
+    for name, half in result.get("half_quantized", {}).items():
+        lines.append(f"\nOnly the {name.split('_')[0]} quantized: agreement {half['agreement']:.2f}"
+                     f"{se(half['agreement_se'])} (views)")
     return "\n".join(lines)
 
 
@@ -212,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON result (a .md table is written beside it)")
+    parser.add_argument("--decompose", action="store_true", help="also measure the int8 model with only its weights, "
+                        "and with only its activations, quantized (where the disagreement comes from)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="add that variant's overrides (see VARIANTS); "
                         "the default --out becomes accuracy-VARIANT.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. quant=u8s8_plain")
@@ -222,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out = Path("benchmarks/results") / args.model / f"accuracy-{args.variant}.json"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = run(args.model, args.root, args.overrides, args.folds, args.views, args.work_dir, args.threads)
+        result = run(args.model, args.root, args.overrides, args.folds, args.views, args.work_dir, args.threads,
+                     args.decompose)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

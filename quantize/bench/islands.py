@@ -24,7 +24,7 @@ The candidate islands (``ISLANDS``), found by structure in the rewritten graph:
 
 An island holding the stem convolution is built on the graph without the ``stem_channels`` rewrite, whose 4th input
 channel only helps the int8 kernel. The island's nodes get their own copies of initializers they share with
-quantized nodes, as every excluded node does (``stages.static_quant.own_initializers``).
+quantized nodes, as every excluded node does (``stages.fp32_nodes``).
 
 Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 1.1-1.8 with the benchmark's own two
 threads): no island is faster than the plain int8 model at both batches for any of the six entries short of issue

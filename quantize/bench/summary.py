@@ -124,6 +124,33 @@ def ablations(results: Path) -> str:
     return "\n".join([head, *rows, "", _artifacts(used, results)]) + "\n"
 
 
+def decomposition(results: Path) -> str:
+    """Where the default recipe's disagreement comes from: its int8 model against the same with only the weights, or
+    only the activations, quantized (``make bench-accuracy DECOMPOSE=1``, on the same held-out views)."""
+    rows, used = [], []
+    for model, title in NETWORKS.items():
+        path = results / model / "accuracy.json"
+        data = _load(path)
+        if not data or "half_quantized" not in data:
+            continue
+        used.append(path)
+        halves, a = data["half_quantized"], data["all"]
+        cells = [_pm(a["agreement"], a["agreement_se"], unit="%")]
+        for name in ("weights_only", "activations_only"):
+            half = halves[name]
+            paired = paired_agreement({"agreeing_views": half["agreeing_views"],
+                                       "views_per_photo": data["views_per_photo"]}, data)
+            cells.append(f"{_pm(half['agreement'], half['agreement_se'], unit='%')} "
+                         f"({_pm(*paired) if paired else '—'})")
+        rows.append(f"| {title} | {' | '.join(cells)} | {_load_range(data.get('load_average'))} |")
+    head = ("| network | int8 (default recipe) | only the weights quantized (minus int8's, paired) | only the activations "
+            "quantized (minus int8's, paired) | load |\n|---|---|---|---|---|")
+    note = ("Agreement with fp32 on the held-out views of the default cross-validation; the half-quantized models are "
+            "the int8 model's own weights in the fp32 graph, and the int8 model with the fp32 weights back "
+            "(`quantize/accuracy/partial_quant.py`).")
+    return "\n".join([head, *rows, "", note, _artifacts(used, results)]) + "\n"
+
+
 def calibration(results: Path) -> str:
     """Seconds and peak RSS of this project's calibration against the stock path (``make bench-calib``)."""
     rows, used = [], []
@@ -229,7 +256,7 @@ def runtimes_speed(results: Path) -> str:
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
-    "networks": networks, "ablations": ablations, "calibration": calibration, "evaluation": evaluation, "zoo": zoo,
+    "networks": networks, "ablations": ablations, "decomposition": decomposition, "calibration": calibration, "evaluation": evaluation, "zoo": zoo,
     "cost": cost, "runtimes_accuracy": runtimes_accuracy, "runtimes_speed": runtimes_speed}
 
 

@@ -19,6 +19,7 @@ from quantize.graph.pixel_input import pixel_quantization
 from quantize.graph.stem_channels import move_input_quantization
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
+from quantize.stages.fp32_nodes import own_initializers, read_through_cast
 from quantize.config import CalibMethod, QuantFormat, QuantType, choice
 from quantize.core.errors import ConfigError, ModelError, examples
 from quantize.core.runtime import make_session
@@ -106,50 +107,13 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
                 calibrate_method=METHODS[method], calibration_cache_path=str(ranges_path),
                 extra_options=dict(extra_options or {}),
             )
-        _quantize_input_before_gathers(Path(tmp_out))
+        _finish(Path(tmp_out), list(nodes_to_exclude or []))
         validate_model(tmp_out, what="int8 model")
     seconds = time.perf_counter() - started
     log.info("quantized %s -> %s (%s, %s activations, %s%s weights, opset %d) in %.1f s", fp32_path.name,
              out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
              target_opset, seconds)
     return Quantized(out_path, target_opset, seconds)
-
-
-def own_initializers(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` in which the nodes ``names`` (those kept in fp32) read initializers of their own: an
-    initializer they share with other nodes is copied under a new name. The quantizer leaves those copies in float;
-    otherwise an fp32 node reads the quantized copy through a DequantizeLinear and ONNX Runtime, seeing no constant
-    weight, runs it without its blocked fp32 kernels (the exporter shares equal initializers, such as a random-init
-    network's zero biases; bench-islands measured ShuffleNetV2 x0.25's fp32 stem at 0.46 instead of 0.22 ms)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {i.name: i for i in out.graph.initializer}
-    keep = set(names)
-    users: dict[str, int] = {}
-    for node in out.graph.node:
-        for name in set(node.input):
-            users[name] = users.get(name, 0) + 1
-    taken = set(inits) | {t for n in out.graph.node for t in (*n.input, *n.output)}
-    for node in out.graph.node:
-        if node.name not in keep:
-            continue
-        for k, name in enumerate(node.input):
-            if name in inits and users[name] > 1:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[name])
-                copy.name = _fresh(f"{name}__fp32", taken)
-                out.graph.initializer.append(copy)
-                node.input[k] = copy.name
-    return out
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
-
 
 
 def _pin_ranges(ranges_path: Path, tensors: list[str], bounds: tuple[float, float], out_path: Path) -> Path:
@@ -162,10 +126,16 @@ def _pin_ranges(ranges_path: Path, tensors: list[str], bounds: tuple[float, floa
     return out_path
 
 
-def _quantize_input_before_gathers(path: Path) -> None:
-    """The widened stem's Gather of the network input copies bytes, not floats (``stem_channels``)."""
+def _finish(path: Path, fp32_nodes: list[str]) -> None:
+    """The quantizer's output rewritten in place: the widened stem's Gather of the network input copies bytes, not
+    floats (``stem_channels``); the layers kept in fp32 read their input through Cast, so that ONNX Runtime does not
+    quantize them after all (``fp32_nodes.read_through_cast``)."""
     model = onnx.load(str(path))
-    if move_input_quantization(model):
+    moved = move_input_quantization(model)
+    cast = read_through_cast(model, fp32_nodes) if fp32_nodes else []
+    if cast:
+        log.info("%d layer(s) kept in fp32 read their input through Cast: %s", len(cast), examples(cast))
+    if moved or cast:
         onnx.save(model, str(path))
 
 

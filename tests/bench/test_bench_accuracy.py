@@ -54,7 +54,7 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
     out = tmp_path / "acc.json"
     code = main(["--model", "shufflenet_v2_x0_5", "--root", str(data), "--views", "2", "--threads", "1",
-                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "model.pretrained=false",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "model.pretrained=false",
                  "export.check_images=2", "calib.batch_size=3"])
     assert code == 0
     result = json.loads(out.read_text())
@@ -62,6 +62,12 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     assert result["all"]["photos"] == 6 and result["all"]["views"] == 12
     assert 0 <= result["all"]["agreement"] <= 100 and result["load_average"]
     assert "| all | 6 |" in out.with_suffix(".md").read_text()
+    halves = result["half_quantized"]
+    assert set(halves) == {"weights_only", "activations_only"}
+    for half in halves.values():
+        assert set(half["agreeing_views"]) == set(result["agreeing_views"])
+        counts = np.array(list(half["agreeing_views"].values()))
+        assert half["agreement"] == pytest.approx(100 * counts.mean() / 2) and counts.max() <= 2
 
 
 def test_a_variant_adds_its_overrides_and_names_its_file(tmp_path, monkeypatch):
@@ -69,7 +75,7 @@ def test_a_variant_adds_its_overrides_and_names_its_file(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_run(model, root, overrides, folds, views, work_dir, threads):
+    def fake_run(model, root, overrides, folds, views, work_dir, threads, decompose):
         seen["overrides"] = overrides
         row = {"photos": 2, "fp32_top1": 50.0, "int8_top1": 50.0, "drop": 0.0, "drop_se": 0.0, "agreement": 100.0,
                "agreement_se": 0.0, "views": 4, "photo_agreement": 100.0}

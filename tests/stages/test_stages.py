@@ -14,7 +14,8 @@ from quantize.stages.evaluate import evaluate, top_classes, topk_hits
 from quantize.stages.export import export_onnx
 from quantize.core.runtime import make_session
 from quantize.graph.optimize import optimize
-from quantize.stages.static_quant import int8_opset, model_opset, own_initializers, quantize_model
+from quantize.stages.fp32_nodes import own_initializers
+from quantize.stages.static_quant import int8_opset, model_opset, quantize_model
 
 from zoo_models import Tiny
 

@@ -1,0 +1,123 @@
+"""Half-quantized copies of an int8 QDQ model: only its weights quantized, or only its activations.
+
+Comparing each with fp32 splits the int8 model's disagreement into what its weights and what its activations cause
+(AIMET's QuantAnalyzer reports the same split). Both are built from the fp32 graph the quantizer read
+(the pipeline's ``optimize`` stage) and the int8 model, matched node by node by name (ONNX Runtime's quantizer
+keeps node names):
+
+- ``weights_only``: the fp32 graph, each quantized layer's weight and bias replaced by the int8 model's dequantized
+  values. Nothing else is rounded.
+- ``activations_only``: the int8 model, each layer reading the fp32 graph's weight and bias instead of its
+  DequantizeLinear. Every activation keeps its QuantizeLinear/DequantizeLinear pair (and so its clipping: the
+  quantizer folds ReLU and Clip into the ranges); the layers read them through Cast
+  (``stages.fp32_nodes.read_through_cast``), or ONNX Runtime would quantize their float weights itself.
+
+Neither is meant to run fast: ONNX Runtime runs their layers in fp32 kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from quantize.core.errors import ModelError
+from quantize.stages.fp32_nodes import read_through_cast
+
+LAYERS = ("Conv", "Gemm", "MatMul")
+WEIGHT_AND_BIAS = (1, 2)  # the inputs of a layer that the quantizer stores as integers
+
+
+def _dequantized(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The float value of a DequantizeLinear of initializers, per-tensor or along its axis."""
+    q = arrays[node.input[0]].astype(np.float64)
+    scale = arrays[node.input[1]].astype(np.float64)
+    zero = arrays[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else np.zeros_like(scale)
+    if scale.ndim == 1 and scale.size > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def _quantized_inputs(int8: onnx.ModelProto) -> dict[tuple[str, int], np.ndarray]:
+    """(layer name, input index) -> dequantized value, for every weight and bias the int8 model stores as integers."""
+    arrays = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    dq = {n.output[0]: n for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in arrays}
+    found = {}
+    for node in int8.graph.node:
+        if node.op_type not in LAYERS:
+            continue
+        for index in WEIGHT_AND_BIAS:
+            if index < len(node.input) and node.input[index] in dq:
+                if not node.name:
+                    raise ModelError(f"int8 model: a {node.op_type} reading quantized weights has no name to match")
+                found[(node.name, index)] = _dequantized(dq[node.input[index]], arrays)
+    if not found:
+        raise ModelError("int8 model: no layer reads quantized weights (not a QDQ model?)")
+    return found
+
+
+def _layers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in model.graph.node if n.op_type in LAYERS and n.name}
+
+
+def _replace(model: onnx.ModelProto, values: dict[tuple[str, int], np.ndarray], suffix: str) -> None:
+    """Point each (layer, input) of ``model`` at a new initializer holding its value (a new one, so a tensor another
+    node shares stays as it was); initializers and DequantizeLinear nodes nobody reads any more are dropped."""
+    layers = _layers(model)
+    missing = sorted({name for name, _ in values if name not in layers})
+    if missing:
+        raise ModelError(f"{len(missing)} quantized layer(s) not in the fp32 graph, e.g. {missing[0]}: "
+                         "not the graph this int8 model was quantized from")
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for (name, index), value in values.items():
+        node = layers[name]
+        old = node.input[index]
+        if old in shapes and shapes[old] != value.shape:
+            raise ModelError(f"{name} input {index}: {old} has shape {shapes[old]}, the int8 model's {value.shape}")
+        node.input[index] = f"{name}_input{index}_{suffix}"
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.input[index]))
+    _drop_unread(model)
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {x for n in model.graph.node for x in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in read]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    read = {x for n in model.graph.node for x in n.input} | outputs
+    kept = [i for i in model.graph.initializer if i.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def weights_only(fp32_graph: onnx.ModelProto, int8: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32_graph)
+    _replace(model, _quantized_inputs(int8), "int8")
+    return model
+
+
+def activations_only(fp32_graph: onnx.ModelProto, int8: onnx.ModelProto) -> onnx.ModelProto:
+    arrays = {i.name: i for i in fp32_graph.graph.initializer}
+    layers = _layers(fp32_graph)
+    values = {}
+    for (name, index), quantized in _quantized_inputs(int8).items():
+        node = layers.get(name)
+        if node is None or index >= len(node.input) or node.input[index] not in arrays:
+            raise ModelError(f"{name} input {index}: no fp32 initializer in the graph it was quantized from")
+        values[(name, index)] = numpy_helper.to_array(arrays[node.input[index]])
+        if values[(name, index)].shape != quantized.shape:
+            raise ModelError(f"{name} input {index}: fp32 shape {values[(name, index)].shape}, the int8 model's "
+                             f"{quantized.shape}")
+    model = onnx.ModelProto()
+    model.CopyFrom(int8)
+    _replace(model, values, "fp32")
+    read_through_cast(model, sorted({name for name, _ in values}))
+    return model

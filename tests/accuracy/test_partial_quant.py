@@ -1,0 +1,85 @@
+"""Half-quantized models: only the weights, or only the activations, of an int8 model (accuracy/partial_quant.py)."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from quantize.accuracy.partial_quant import activations_only, weights_only
+from quantize.core.errors import ModelError
+from quantize.core.runtime import make_session
+from quantize.graph.optimize import optimize
+from quantize.stages.static_quant import quantize_model
+
+from accuracy_models import conv_net, images, minmax_ranges, save
+
+LAYERS = ("conv1", "conv2", "conv3")
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    model = conv_net(seed=5)
+    fp32 = save(model, tmp_path / "fp32.onnx")
+    data = images(32)
+    ranges = minmax_ranges(model, data, tmp_path / "ranges.json")
+    int8 = quantize_model(fp32, ranges, tmp_path / "int8.onnx", method="minmax").path
+    return optimize(model)[0], onnx.load(str(int8)), np.concatenate(data)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, level: str | None = None) -> np.ndarray:
+    return make_session(model.SerializeToString(), level=level).run(None, {"x": x})[0]
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in model.graph.node if n.name in LAYERS}
+
+
+def test_weights_only_rounds_the_weights_and_nothing_else(pair, tmp_path):
+    graph, int8, x = pair
+    half = weights_only(graph, int8)
+    onnx.checker.check_model(half)
+    ops = Counter(n.op_type for n in half.graph.node)
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0
+    exact, rounded = weights(graph), weights(half)
+    for name in LAYERS:  # on an int8 grid per output channel, within half a step of the fp32 weight
+        live = np.abs(exact[name]).reshape(len(exact[name]), -1).max(axis=1) > 0  # not the zero channels of padding
+        w, q = exact[name][live], rounded[name][live]
+        step = np.abs(w).reshape(len(w), -1).max(axis=1) / 127
+        err = np.abs(q - w).reshape(len(w), -1).max(axis=1)
+        assert 0 < err.max() and np.all(err <= step / 2 + 1e-7)
+        levels = q.reshape(len(q), -1) / step[:, None]
+        np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    fp32_out, half_out, int8_out = run(graph, x), run(half, x), run(int8, x)
+    assert 0 < np.abs(half_out - fp32_out).mean() < np.abs(int8_out - fp32_out).mean()
+
+
+def test_activations_only_keeps_fp32_weights_and_every_activation_quantizer(pair, tmp_path):
+    graph, int8, x = pair
+    half = activations_only(graph, int8)
+    onnx.checker.check_model(half)
+    assert all(w.dtype == np.float32 for w in weights(half).values())
+    assert not [n for n in half.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
+    q_int8 = Counter(n.op_type for n in int8.graph.node)["QuantizeLinear"]
+    assert Counter(n.op_type for n in half.graph.node)["QuantizeLinear"] == q_int8
+    optimized = tmp_path / "optimized.onnx"
+    make_session(half.SerializeToString(), optimized_model_path=optimized)
+    assert not [n for n in onnx.load(str(optimized)).graph.node if n.op_type == "QLinearConv"]
+    # ONNX Runtime computes what the graph says (it did not quantize the float weights on its own)
+    np.testing.assert_allclose(run(half, x), run(half, x, level="disable"), rtol=1e-4, atol=1e-4)
+    fp32_out, half_out, int8_out = run(graph, x), run(half, x), run(int8, x)
+    assert 0 < np.abs(half_out - fp32_out).mean() < np.abs(int8_out - fp32_out).mean()
+
+
+def test_a_graph_other_than_the_quantized_one_is_refused(pair):
+    graph, int8, _ = pair
+    other = onnx.ModelProto()
+    other.CopyFrom(graph)
+    next(n for n in other.graph.node if n.name == "conv2").name = "renamed"
+    for build in (weights_only, activations_only):
+        with pytest.raises(ModelError, match="conv2"):
+            build(other, int8)
+    with pytest.raises(ModelError, match="no layer reads quantized weights"):
+        weights_only(graph, graph)

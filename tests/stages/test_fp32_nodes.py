@@ -1,0 +1,124 @@
+"""Layers an int8 QDQ model keeps in fp32 must run in fp32 in ONNX Runtime (stages/fp32_nodes.py)."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantize.core.runtime import make_session
+from quantize.stages.fp32_nodes import read_through_cast
+from quantize.stages.static_quant import quantize_model
+
+from accuracy_models import minmax_ranges, save
+
+OPSET = [helper.make_opsetid("", 13)]
+
+
+def qdq_conv(zero_point: int, scale_shape=(), shared_weight: bool = False) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv 3x3 (float weights, padded) -> Relu -> Q -> DQ -> out: the shape of a layer left in fp32
+    inside an int8 network."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * np.geomspace(0.01, 1, 16).astype(np.float32)[:, None,
+                                                                                                                None, None]
+    b = rng.standard_normal(16).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+             numpy_helper.from_array(np.full(scale_shape, 0.02, np.float32), "x_scale"),
+             numpy_helper.from_array(np.full(scale_shape, zero_point, np.uint8), "x_zero"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"),
+             numpy_helper.from_array(np.array(0, np.uint8), "y_zero")]
+    axis = {"axis": 1} if scale_shape else {}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="q_x", **axis),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xf"], name="dq_x", **axis),
+             helper.make_node("Conv", ["xf", "w", "b"], ["c"], name="kept", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("QuantizeLinear", ["r", "y_scale", "y_zero"], ["rq"], name="q_r"),
+             helper.make_node("DequantizeLinear", ["rq", "y_scale", "y_zero"], ["out"], name="dq_r")]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 16, 12, 12])]
+    if shared_weight:  # a second layer reads the same weight tensor
+        nodes.append(helper.make_node("Conv", ["xf", "w"], ["other"], name="other", kernel_shape=[3, 3],
+                                      pads=[1, 1, 1, 1]))
+        outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [None, 16, 12, 12]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 12, 12])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    path = tmp_path / "optimized.onnx"
+    make_session(model.SerializeToString(), optimized_model_path=path)
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, level: str | None = None) -> np.ndarray:
+    return make_session(model.SerializeToString(), level=level).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("zero_point", [0, 128])
+def test_a_float_layer_read_through_cast_stays_float_and_computes_the_same(zero_point, tmp_path):
+    before = qdq_conv(zero_point)
+    # the premise: ONNX Runtime quantizes a float layer between a DequantizeLinear and a QuantizeLinear itself
+    assert optimized_ops(before, tmp_path)["QLinearConv"] == 1
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    assert read_through_cast(after, ["kept"]) == ["kept"]
+    onnx.checker.check_model(after)
+    ops = Counter(n.op_type for n in after.graph.node)
+    assert ops["Cast"] == 1 and ops["Sub"] == (zero_point != 0) and ops["DequantizeLinear"] == 1  # only dq_r left
+    assert optimized_ops(after, tmp_path)["QLinearConv"] == 0
+    x = np.random.default_rng(1).standard_normal((2, 8, 12, 12)).astype(np.float32) * 2
+    exact = run(before, x, level="disable")  # the QDQ graph as written: the layer in fp32
+    np.testing.assert_allclose(run(after, x, level="disable"), exact, rtol=1e-5, atol=1e-5)
+    # what ONNX Runtime runs: the same up to the output's rounding, where the unprotected layer is off by steps
+    assert np.abs(run(after, x) - exact).max() <= 0.05 + 1e-6
+    assert np.abs(run(before, x) - exact).max() > 0.05 * 2
+
+
+def test_layers_read_through_cast_only_when_the_optimizer_would_match(tmp_path):
+    per_axis = qdq_conv(0, scale_shape=(8,))
+    assert read_through_cast(per_axis, ["kept"]) == []  # a per-channel DequantizeLinear is not matched
+    shared = qdq_conv(0, shared_weight=True)
+    assert read_through_cast(shared, ["kept"]) == []  # the weight is another layer's too: own_initializers first
+    untouched = qdq_conv(0)
+    assert read_through_cast(untouched, ["relu", "missing"]) == []
+    assert [n.op_type for n in untouched.graph.node] == [n.op_type for n in qdq_conv(0).graph.node]
+
+
+def chain() -> onnx.ModelProto:
+    """x -> conv1 3x3 -> conv2 3x3 (reads a signed tensor) -> Relu -> conv3 1x1 -> Relu -> conv4 1x1 -> pool."""
+    rng = np.random.default_rng(2)
+    shapes = {"w1": (16, 3, 3, 3), "w2": (16, 16, 3, 3), "w3": (16, 16, 1, 1), "w4": (16, 16, 1, 1)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n) for n, s in shapes.items()]
+    inits += [numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), f"b{k}") for k in range(1, 5)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["a2"], name="act2"),
+             helper.make_node("Conv", ["a2", "w3", "b3"], ["c3"], name="conv3", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c3"], ["a3"], name="act3"),
+             helper.make_node("Conv", ["a3", "w4", "b4"], ["c4"], name="conv4", kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["c4"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["out"], name="flatten")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 16])], inits)
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def test_quantize_model_keeps_excluded_layers_in_fp32_in_onnx_runtime(tmp_path):
+    model = chain()
+    fp32 = save(model, tmp_path / "fp32.onnx")
+    data = [np.random.default_rng(k).standard_normal((8, 3, 16, 16)).astype(np.float32) for k in range(3)]
+    ranges = minmax_ranges(model, data, tmp_path / "ranges.json")
+    all_int8 = onnx.load(str(quantize_model(fp32, ranges, tmp_path / "all.onnx", method="minmax").path))
+    assert optimized_ops(all_int8, tmp_path)["QLinearConv"] == 4
+    kept = onnx.load(str(quantize_model(fp32, ranges, tmp_path / "kept.onnx", method="minmax",
+                                        nodes_to_exclude=["conv2", "conv4"]).path))
+    producer = {o: n for n in kept.graph.node for o in n.output}
+    layers = {n.name: n for n in kept.graph.node}
+    assert producer[layers["conv2"].input[0]].op_type == "Sub"  # conv1's output is signed: zero point not 0
+    assert producer[layers["conv4"].input[0]].op_type == "Cast"  # after a Relu: zero point 0
+    assert optimized_ops(kept, tmp_path)["QLinearConv"] == 2  # conv1 and conv3
+    # the excluded layers compute in fp32: closer to the fp32 model than the all-int8 model is
+    x = np.random.default_rng(9).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    ref = run(model, x)
+    assert np.abs(run(kept, x) - ref).mean() < np.abs(run(all_int8, x) - ref).mean()
