@@ -19,7 +19,7 @@ from quantize.graph.pixel_input import pixel_quantization
 from quantize.graph.stem_channels import move_input_quantization
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
-from quantize.stages.fp32_nodes import own_initializers, read_through_cast
+from quantize.stages.fp32_nodes import hold_quantization, own_initializers, read_through_cast
 from quantize.config import CalibMethod, QuantFormat, QuantType, choice
 from quantize.core.errors import ConfigError, ModelError, examples
 from quantize.core.runtime import make_session
@@ -128,14 +128,16 @@ def _pin_ranges(ranges_path: Path, tensors: list[str], bounds: tuple[float, floa
 
 def _finish(path: Path, fp32_nodes: list[str]) -> None:
     """The quantizer's output rewritten in place: the widened stem's Gather of the network input copies bytes, not
-    floats (``stem_channels``); the layers kept in fp32 read their input through Cast, so that ONNX Runtime does not
-    quantize them after all (``fp32_nodes.read_through_cast``)."""
+    floats (``stem_channels``); the nodes kept in fp32 are written so that ONNX Runtime does not quantize them after
+    all (``fp32_nodes``)."""
     model = onnx.load(str(path))
     moved = move_input_quantization(model)
     cast = read_through_cast(model, fp32_nodes) if fp32_nodes else []
-    if cast:
-        log.info("%d layer(s) kept in fp32 read their input through Cast: %s", len(cast), examples(cast))
-    if moved or cast:
+    held = hold_quantization(model, fp32_nodes) if fp32_nodes else []
+    if cast or held:
+        log.info("kept in fp32: %d layer(s) read their input through Cast (%s), %d node(s) hold the quantizers off "
+                 "(%s)", len(cast), examples(cast) or "-", len(held), examples(held) or "-")
+    if moved or cast or held:
         onnx.save(model, str(path))
 
 

@@ -122,3 +122,43 @@ def test_quantize_model_keeps_excluded_layers_in_fp32_in_onnx_runtime(tmp_path):
     x = np.random.default_rng(9).standard_normal((8, 3, 16, 16)).astype(np.float32)
     ref = run(model, x)
     assert np.abs(run(kept, x) - ref).mean() < np.abs(run(all_int8, x) - ref).mean()
+
+
+def pooled() -> onnx.ModelProto:
+    """x -> stem 3x3 s2 -> Relu -> MaxPool 3x3 s2 -> conv 1x1 -> Relu -> pool: ShuffleNet's first layers in small."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((16, 16, 1, 1)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="stem", kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["a1"], name="stem_relu"),
+             helper.make_node("MaxPool", ["a1"], ["m"], name="pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+             helper.make_node("Conv", ["m", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c2"], ["a2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["a2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["out"], name="flatten")]
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 32, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 16])], inits)
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+@pytest.mark.parametrize("kept", [["stem", "stem_relu", "pool"], ["pool"]])
+def test_a_max_pool_kept_in_fp32_stays_before_the_quantizer(kept, tmp_path):
+    model = pooled()
+    fp32 = save(model, tmp_path / "fp32.onnx")
+    data = [np.random.default_rng(k).standard_normal((4, 3, 32, 32)).astype(np.float32) for k in range(2)]
+    ranges = minmax_ranges(model, data, tmp_path / "ranges.json")
+    int8 = onnx.load(str(quantize_model(fp32, ranges, tmp_path / "kept.onnx", method="minmax",
+                                        nodes_to_exclude=kept).path))
+    path = tmp_path / "optimized.onnx"
+    make_session(int8.SerializeToString(), optimized_model_path=path)
+    optimized = onnx.load(str(path))
+    producer = {o: n for n in optimized.graph.node for o in n.output}
+    pool = next(n for n in optimized.graph.node if "MaxPool" in n.op_type)
+    # a float pool: it reads no QuantizeLinear's bytes, and its output goes to the quantizer (through a layout change)
+    assert pool.op_type == "MaxPool" and producer[pool.input[0]].op_type != "QuantizeLinear"
+    assert {n.op_type for n in optimized.graph.node if pool.output[0] in n.input} <= {"QuantizeLinear", "ReorderOutput"}
+    x = np.concatenate(data)
+    np.testing.assert_allclose(run(int8, x), run(int8, x, level="disable"), rtol=1e-4, atol=1e-4)
