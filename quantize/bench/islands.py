@@ -26,27 +26,30 @@ An island holding the stem convolution is built on the graph without the ``stem_
 channel only helps the int8 kernel. The island's nodes get their own copies of initializers they share with
 quantized nodes, as every excluded node does (``stages.fp32_nodes``).
 
-Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 1.1-1.8 with the benchmark's own two
-threads): no island is faster than the plain int8 model at both batches for any of the six entries short of issue
-#17's goal, and none lifts batch 1 without costing batch 32, so the pipeline keeps every layer in int8. fp32 / int8
+Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 0.7-2.0 with the benchmark's own two
+threads): no island is clearly faster than the plain int8 model at both batches for any of the six entries short of
+issue #17's goal (the global pool in fp32 came out ahead by 0.01-0.03 for ShuffleNetV1 and x0.25, well inside the
+spread of the runs, and behind for the other four), and none lifts batch 1 by more than that without costing batch
+32, so the pipeline keeps every layer in int8. fp32 / int8
 ratios at batch 1 · 32, plain int8 first, then the two best islands:
 
-- efficientnet_lite0: 2.02 · 2.33; stem_block 1.99 · 1.89, global_pool 1.99 · 2.28;
-- mmcls_shufflenet_v1_x1_0_g3: 1.96 · 2.39; global_pool 1.83 · 2.44, stem_block 1.64 · 1.62;
-- megvii_shufflenet_v2_x0_5: 1.20 · 1.92; stem_block 1.21 · 1.16, global_pool 1.18 · 1.76;
-- ppcls_shufflenet_v2_x0_25: 1.41 · 1.71; global_pool 1.37 · 1.65, stem_block 1.27 · 1.05;
-- ppcls_shufflenet_v2_x0_33: 1.39 · 1.67; global_pool 1.41 · 1.57, stem_block 1.30 · 1.06;
-- ppcls_shufflenet_v2_swish: 1.43 · 1.73; stem_block 1.42 · 1.29, swish 1.03 · 0.96;
+- efficientnet_lite0: 1.93 · 2.33; global_pool 1.90 · 2.35, stem_block 1.92 · 1.86;
+- mmcls_shufflenet_v1_x1_0_g3: 1.85 · 2.16; global_pool 1.88 · 2.17, stem_pool 1.88 · 1.71;
+- megvii_shufflenet_v2_x0_5: 1.16 · 1.65; global_pool 1.14 · 1.65, stem_pool 1.23 · 1.16;
+- ppcls_shufflenet_v2_x0_25: 1.24 · 1.53; global_pool 1.26 · 1.54, stem_pool 1.31 · 1.04;
+- ppcls_shufflenet_v2_x0_33: 1.46 · 1.69; global_pool 1.35 · 1.65, stem_pool 1.40 · 1.13;
+- ppcls_shufflenet_v2_swish: 1.37 · 1.61; global_pool 1.29 · 1.64, stem_pool 1.37 · 1.37;
 
-(``stem`` and ``stem_pool``: 0.5-1.2 everywhere). What an island costs more than it saves:
+(``stem``: 0.5-1.9; ``swish``: 0.95 · 0.98). What an island costs more than it saves:
 
 - the boundary: at 112x112 the fp32 convolution's output leaves the blocked layout (ReorderOutput), is quantized and
   transposed to the int8 kernels' channels-last layout, three passes over the largest tensor of the network
   (Lite0's ``stem``, batch 32: 20.5 ms for the fp32 stem and its boundary against 10.9 ms for the int8 stem with the
-  input's quantization);
-- after an fp32 stem the max pool runs as a channels-first uint8 MaxPool, even when it is left in fp32 itself (ONNX
-  Runtime moves the QuantizeLinear after it up through it), far slower than the channels-last one of the plain int8
-  model (x0.25, batch 1: 1.7 against 0.1 ms);
+  input's quantization); at batch 32 those fp32 tensors no longer stay in cache;
+- after an fp32 stem alone (``stem``) the max pool runs as a channels-first uint8 MaxPool, far slower than the
+  channels-last one of the plain int8 model (x0.25, batch 1: 1.7 against 0.1 ms); ``stem_pool`` keeps the pool in
+  fp32 (``stages.fp32_nodes.hold_quantization``: before it, ONNX Runtime moved the QuantizeLinear after the pool up
+  through it, and ``stem_pool`` measured the same slow pool);
 - swish in fp32 runs as DequantizeLinear, Sigmoid, Mul and QuantizeLinear, not fused (batch 32: 91 ms against 21 ms
   for QLinearSigmoid and QLinearMul).
 """
