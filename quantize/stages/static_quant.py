@@ -19,7 +19,7 @@ from quantize.graph.pixel_input import pixel_quantization
 from quantize.graph.stem_channels import move_input_quantization
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
-from quantize.stages.fp32_nodes import hold_quantization, own_initializers, read_through_cast
+from quantize.stages.fp32_nodes import hold_quantization, own_initializers, read_through_cast, with_pools
 from quantize.config import CalibMethod, QuantFormat, QuantType, choice
 from quantize.core.errors import ConfigError, ModelError, examples
 from quantize.core.runtime import make_session
@@ -96,7 +96,12 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
             ranges_path = _pin_ranges(ranges_path, tensors, bounds, Path(scratch) / "ranges.json")
             nodes_to_exclude = [*(nodes_to_exclude or []), *mapping]
         if nodes_to_exclude:
-            onnx.save(own_initializers(onnx.load(str(prepared)), list(nodes_to_exclude)), str(prepared))
+            fp32_graph = onnx.load(str(prepared))
+            extended = with_pools(fp32_graph, list(nodes_to_exclude))
+            if len(extended) > len(nodes_to_exclude):
+                log.info("also kept in fp32, after layers kept in fp32: %s", examples(extended[len(nodes_to_exclude):]))
+            nodes_to_exclude = extended
+            onnx.save(own_initializers(fp32_graph, nodes_to_exclude), str(prepared))
         with _quiet_root_logger():
             quantize_static(
                 str(prepared), str(tmp_out), calibration_data_reader=None,

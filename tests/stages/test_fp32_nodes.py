@@ -144,7 +144,7 @@ def pooled() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
-@pytest.mark.parametrize("kept", [["stem", "stem_relu", "pool"], ["pool"]])
+@pytest.mark.parametrize("kept", [["stem", "stem_relu", "pool"], ["pool"], ["stem"]])
 def test_a_max_pool_kept_in_fp32_stays_before_the_quantizer(kept, tmp_path):
     model = pooled()
     fp32 = save(model, tmp_path / "fp32.onnx")
@@ -162,3 +162,13 @@ def test_a_max_pool_kept_in_fp32_stays_before_the_quantizer(kept, tmp_path):
     assert {n.op_type for n in optimized.graph.node if pool.output[0] in n.input} <= {"QuantizeLinear", "ReorderOutput"}
     x = np.concatenate(data)
     np.testing.assert_allclose(run(int8, x), run(int8, x, level="disable"), rtol=1e-4, atol=1e-4)
+
+
+def test_a_max_pool_after_a_layer_kept_in_fp32_joins_it():
+    from quantize.stages.fp32_nodes import with_pools
+
+    model = pooled()
+    assert with_pools(model, ["stem"]) == ["stem", "stem_relu", "pool"]
+    assert with_pools(model, ["stem", "stem_relu"]) == ["stem", "stem_relu", "pool"]
+    assert with_pools(model, ["conv2"]) == ["conv2"]  # its Relu leads to no pool: left to the quantizer
+    assert with_pools(model, []) == []
