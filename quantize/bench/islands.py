@@ -15,7 +15,8 @@ timed in its own short quiet window.
 The candidate islands (``ISLANDS``), found by structure in the rewritten graph:
 
 - ``stem``: the first convolution and its activation (ReLU, ReLU6 or swish), 112x112;
-- ``stem_pool``: the stem and the max pool after it (the ShuffleNets);
+- ``stem_pool``: the stem and the max pool after it (the ShuffleNets; the pipeline now keeps that pool in fp32 with
+  an fp32 stem, ``stages.fp32_nodes.with_pools``, so ``stem`` is the same island there and is timed once);
 - ``stem_block``: the stem (and its pool) and the convolutions reading its output with their activations: the first
   ShuffleNet unit's two 56x56 input convolutions, Lite0's first 112x112 depthwise convolution;
 - ``swish``: every ``x * sigmoid(x)`` (int8: a QLinearSigmoid and a QLinearMul, together as slow as fp32's fused
@@ -71,6 +72,7 @@ import onnx
 from quantize.bench.latency import package_version
 from quantize.bench.zoo import DEFAULT_CALIB_ROOT, build, calibrated, entry_and_images, interleaved_ms
 from quantize.core.artifacts import read_json, write_text
+from quantize.stages.fp32_nodes import with_pools
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import cpu_name
 from quantize.graph.optimize import VERSION as GRAPH_VERSION
@@ -178,8 +180,11 @@ ISLANDS: dict[str, Callable[[_Nodes], list[onnx.NodeProto]]] = {
 
 
 def island_nodes(model: onnx.ModelProto, island: str) -> list[str]:
-    """Names of the nodes of ``island`` (a key of ``ISLANDS``) in ``model``; empty when the model has no such part."""
-    return [n.name for n in ISLANDS[island](_Nodes(model))]
+    """Names of the nodes of ``island`` (a key of ``ISLANDS``) in ``model``, with the max pool after them that the
+    quantizer keeps in fp32 with them (``fp32_nodes.with_pools``: so ``stem`` is ``stem_pool`` on the ShuffleNets);
+    empty when the model has no such part."""
+    names = [n.name for n in ISLANDS[island](_Nodes(model))]
+    return with_pools(model, names) if names else []
 
 
 def holds_stem(model: onnx.ModelProto, names: list[str]) -> bool:
