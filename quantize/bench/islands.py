@@ -27,30 +27,28 @@ An island holding the stem convolution is built on the graph without the ``stem_
 channel only helps the int8 kernel. The island's nodes get their own copies of initializers they share with
 quantized nodes, as every excluded node does (``stages.fp32_nodes``).
 
-Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 0.7-2.0 with the benchmark's own two
-threads): no island is clearly faster than the plain int8 model at both batches for any of the six entries short of
-issue #17's goal (the global pool in fp32 came out ahead by 0.01-0.03 for ShuffleNetV1 and x0.25, well inside the
-spread of the runs, and behind for the other four), and none lifts batch 1 by more than that without costing batch
-32, so the pipeline keeps every layer in int8. fp32 / int8
-ratios at batch 1 · 32, plain int8 first, then the two best islands:
+Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 1.5-2.1 with the benchmark's own two
+threads): no island is faster than the plain int8 model at both batches for any of the six entries short of issue
+#17's goal, nor for ShuffleNetV2 x1.0, and every island that lifts batch 1 costs batch 32, so the pipeline keeps
+every layer in int8. fp32 / int8 ratios at batch 1 · 32, plain int8 first, then the two best islands:
 
-- efficientnet_lite0: 1.93 · 2.33; global_pool 1.90 · 2.35, stem_block 1.92 · 1.86;
-- mmcls_shufflenet_v1_x1_0_g3: 1.85 · 2.16; global_pool 1.88 · 2.17, stem_pool 1.88 · 1.71;
-- megvii_shufflenet_v2_x0_5: 1.16 · 1.65; global_pool 1.14 · 1.65, stem_pool 1.23 · 1.16;
-- ppcls_shufflenet_v2_x0_25: 1.24 · 1.53; global_pool 1.26 · 1.54, stem_pool 1.31 · 1.04;
-- ppcls_shufflenet_v2_x0_33: 1.46 · 1.69; global_pool 1.35 · 1.65, stem_pool 1.40 · 1.13;
-- ppcls_shufflenet_v2_swish: 1.37 · 1.61; global_pool 1.29 · 1.64, stem_pool 1.37 · 1.37;
+- efficientnet_lite0: 1.82 · 2.28; global_pool 1.70 · 2.35, stem 1.75 · 1.85;
+- mmcls_shufflenet_v1_x1_0_g3: 1.77 · 2.24; global_pool 1.78 · 2.24, stem (with its pool) 1.75 · 1.83;
+- megvii_shufflenet_v2_x0_5: 1.13 · 1.73; global_pool 1.11 · 1.71, stem 1.19 · 1.13;
+- ppcls_shufflenet_v2_x0_25: 1.24 · 1.72; global_pool 1.34 · 1.57, stem 1.29 · 1.02;
+- ppcls_shufflenet_v2_x0_33: 1.45 · 1.61; global_pool 1.39 · 1.64, stem 1.37 · 1.03;
+- ppcls_shufflenet_v2_swish: 1.26 · 1.64; global_pool 1.19 · 1.68, stem 1.29 · 1.38 (swish 0.94 · 1.00);
+- shufflenet_v2_x1_0 (not short, for the fp32-stem accuracy variant): 2.29 · 2.45; stem 2.17 · 1.97.
 
-(``stem``: 0.5-1.9; ``swish``: 0.95 · 0.98). What an island costs more than it saves:
+What an island costs more than it saves:
 
 - the boundary: at 112x112 the fp32 convolution's output leaves the blocked layout (ReorderOutput), is quantized and
   transposed to the int8 kernels' channels-last layout, three passes over the largest tensor of the network
   (Lite0's ``stem``, batch 32: 20.5 ms for the fp32 stem and its boundary against 10.9 ms for the int8 stem with the
   input's quantization); at batch 32 those fp32 tensors no longer stay in cache;
-- after an fp32 stem alone (``stem``) the max pool runs as a channels-first uint8 MaxPool, far slower than the
-  channels-last one of the plain int8 model (x0.25, batch 1: 1.7 against 0.1 ms); ``stem_pool`` keeps the pool in
-  fp32 (``stages.fp32_nodes.hold_quantization``: before it, ONNX Runtime moved the QuantizeLinear after the pool up
-  through it, and ``stem_pool`` measured the same slow pool);
+- before ``stages.fp32_nodes`` kept the pool after an fp32 stem in fp32 too, it ran as a channels-first uint8 MaxPool,
+  far slower than the channels-last one of the plain int8 model (x0.25, batch 1: 1.7 against 0.1 ms), even when the
+  island held it (ONNX Runtime moved the QuantizeLinear after the pool up through it);
 - swish in fp32 runs as DequantizeLinear, Sigmoid, Mul and QuantizeLinear, not fused (batch 32: 91 ms against 21 ms
   for QLinearSigmoid and QLinearMul).
 """
