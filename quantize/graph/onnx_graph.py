@@ -209,3 +209,11 @@ def remove_dead(g: Graph) -> None:
         del g.inits[name]
         g.init_protos.pop(name, None)
 
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken`` (which then holds it)."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from quantize.graph.onnx_graph import Graph, Report, attr
+from quantize.graph.onnx_graph import Graph, Report, attr, fresh_name
 
 WIDTH = 4
 
@@ -50,6 +50,45 @@ def widen_stem_convs(g: Graph, report: Report, width: int = WIDTH) -> None:
         conv.input[0] = widened[source]
         conv.input[1] = name
         report.add("stem_conv_widened")
+
+
+def narrow_float_stems(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """Undo the widening for the convolutions ``names`` that stay in fp32 (``quant.nodes_to_exclude``): the copy only
+    helps the int8 kernel, and in fp32 it is one more pass over the input and a quarter more work for the stem. Each
+    such convolution reads the Gather's input again, its weights summed back over the copied channels (a zero added:
+    the same in fp32); a Gather nobody reads any more is dropped. Edits ``model`` in place; returns the convolutions
+    narrowed."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    taken = set(inits) | {t for n in graph.node for t in (*n.input, *n.output)}
+    narrowed, replaced, gathers = [], set(), set()
+    for conv in graph.node:
+        gather = producer.get(conv.input[0]) if conv.op_type == "Conv" and conv.name in set(names) else None
+        if gather is None or gather.op_type != "Gather" or attr(gather, "axis", 0) != 1 \
+                or gather.input[1] not in inits or conv.input[1] not in inits:
+            continue
+        indices = numpy_helper.to_array(inits[gather.input[1]])
+        weight = numpy_helper.to_array(inits[conv.input[1]])
+        if indices.ndim != 1 or weight.ndim != 4 or weight.shape[1] != len(indices):
+            continue
+        folded = np.zeros((weight.shape[0], int(indices.max()) + 1, *weight.shape[2:]), dtype=weight.dtype)
+        for position, channel in enumerate(indices):
+            folded[:, channel] += weight[:, position]
+        name = fresh_name(f"{conv.input[1]}_narrowed", taken)
+        graph.initializer.append(numpy_helper.from_array(folded, name))
+        replaced.update((conv.input[1], gather.input[1]))
+        gathers.add(gather.output[0])
+        conv.input[0], conv.input[1] = gather.input[0], name
+        narrowed.append(conv.name)
+    read = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    for gather in [n for n in graph.node if n.output[0] in gathers and n.output[0] not in read]:
+        graph.node.remove(gather)
+    read = {x for n in graph.node for x in n.input}
+    kept = [i for i in graph.initializer if i.name in read or i.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return narrowed
 
 
 def move_input_quantization(model: onnx.ModelProto) -> int:

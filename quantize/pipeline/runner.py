@@ -404,7 +404,7 @@ class Pipeline:
                   # only when on: quantizations cached before the option existed keep their key
                   **({"shared_concat_ranges": True} if shared else {}),
                   # excluded nodes read initializers of their own, and their input through Cast (fp32_nodes)
-                  **({"excluded_fp32_nodes": 4} if options["nodes_to_exclude"] else {})}
+                  **({"excluded_fp32_nodes": 5} if options["nodes_to_exclude"] else {})}
 
         def work(stage_dir: Path) -> QuantizeRecord:
             started = time.perf_counter()

@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantize.graph.onnx_graph import fresh_name
+
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm")
 MOVES_QUANTIZATION = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice")  # ORT propagates Q/DQ
 FLOAT_MAX = float(np.finfo(np.float32).max)
@@ -86,14 +88,6 @@ def own_initializers(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProt
                 out.graph.initializer.append(copy)
                 node.input[k] = copy.name
     return out
-
-
-def fresh_name(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def read_through_cast(model: onnx.ModelProto, names: list[str]) -> list[str]:

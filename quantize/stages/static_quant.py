@@ -16,7 +16,7 @@ from onnxruntime.quantization import QuantFormat as OrtQuantFormat, QuantType as
 
 from quantize.graph import optimize as graph_opt
 from quantize.graph.pixel_input import pixel_quantization
-from quantize.graph.stem_channels import move_input_quantization
+from quantize.graph.stem_channels import move_input_quantization, narrow_float_stems
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
 from quantize.stages.fp32_nodes import hold_quantization, own_initializers, read_through_cast, with_pools
@@ -101,7 +101,9 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
             if len(extended) > len(nodes_to_exclude):
                 log.info("also kept in fp32, after layers kept in fp32: %s", examples(extended[len(nodes_to_exclude):]))
             nodes_to_exclude = extended
-            onnx.save(own_initializers(fp32_graph, nodes_to_exclude), str(prepared))
+            fp32_graph = own_initializers(fp32_graph, nodes_to_exclude)
+            narrow_float_stems(fp32_graph, nodes_to_exclude)
+            onnx.save(fp32_graph, str(prepared))
         with _quiet_root_logger():
             quantize_static(
                 str(prepared), str(tmp_out), calibration_data_reader=None,

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantize.core.runtime import make_session
 from quantize.stages.fp32_nodes import read_through_cast
+from quantize.graph.optimize import optimize
 from quantize.stages.static_quant import quantize_model
 
 from accuracy_models import minmax_ranges, save
@@ -172,3 +173,18 @@ def test_a_max_pool_after_a_layer_kept_in_fp32_joins_it():
     assert with_pools(model, ["stem", "stem_relu"]) == ["stem", "stem_relu", "pool"]
     assert with_pools(model, ["conv2"]) == ["conv2"]  # its Relu leads to no pool: left to the quantizer
     assert with_pools(model, []) == []
+
+
+def test_a_stem_kept_in_fp32_reads_the_three_input_channels_again(tmp_path):
+    model = pooled()
+    assert any(n.op_type == "Gather" for n in optimize(model)[0].graph.node)  # widened for the int8 kernel
+    fp32 = save(model, tmp_path / "fp32.onnx")
+    data = [np.random.default_rng(k).standard_normal((4, 3, 32, 32)).astype(np.float32) for k in range(2)]
+    ranges = minmax_ranges(model, data, tmp_path / "ranges.json")
+    int8 = onnx.load(str(quantize_model(fp32, ranges, tmp_path / "kept.onnx", method="minmax",
+                                        nodes_to_exclude=["stem"]).path))
+    stem = next(n for n in int8.graph.node if n.name == "stem")
+    inits = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    assert stem.input[0] == "x" and inits[stem.input[1]].shape[1] == 3
+    assert not [n for n in int8.graph.node if n.op_type == "Gather"]
+    np.testing.assert_array_equal(inits[stem.input[1]], numpy_helper.to_array(model.graph.initializer[0]))
