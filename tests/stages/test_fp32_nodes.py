@@ -188,3 +188,29 @@ def test_a_stem_kept_in_fp32_reads_the_three_input_channels_again(tmp_path):
     assert stem.input[0] == "x" and inits[stem.input[1]].shape[1] == 3
     assert not [n for n in int8.graph.node if n.op_type == "Gather"]
     np.testing.assert_array_equal(inits[stem.input[1]], numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_a_float_gemm_is_read_through_cast_too(tmp_path):
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((10, 32)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(0.03, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s2"), numpy_helper.from_array(np.array(128, np.uint8), "z2")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xf"]),
+             helper.make_node("Gemm", ["xf", "w", "b"], ["y"], name="fc", transB=1),
+             helper.make_node("QuantizeLinear", ["y", "s2", "z2"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s2", "z2"], ["out"])]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 10])], inits)
+    before = helper.make_model(graph, opset_imports=OPSET)
+    assert optimized_ops(before, tmp_path)["QGemm"] == 1  # ONNX Runtime would run the float Gemm in int8
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    assert read_through_cast(after, ["fc"]) == ["fc"]
+    assert optimized_ops(after, tmp_path)["QGemm"] == 0
+    x = np.random.default_rng(5).standard_normal((6, 32)).astype(np.float32)
+    feed = {"x": x}
+    exact = make_session(before.SerializeToString(), level="disable").run(None, feed)[0]
+    np.testing.assert_allclose(make_session(after.SerializeToString(), level="disable").run(None, feed)[0], exact,
+                               rtol=1e-5, atol=1e-5)
