@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from quantize.core.errors import ModelError
-from quantize.stages.fp32_nodes import read_through_cast
+from quantize.stages.fp32_nodes import drop_unread, read_through_cast
 
 LAYERS = ("Conv", "Gemm", "MatMul")
 WEIGHT_AND_BIAS = (1, 2)  # the inputs of a layer that the quantizer stores as integers
@@ -65,7 +65,7 @@ def _layers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 def _replace(model: onnx.ModelProto, values: dict[tuple[str, int], np.ndarray], suffix: str) -> None:
     """Point each (layer, input) of ``model`` at a new initializer holding its value (a new one, so a tensor another
-    node shares stays as it was); initializers and DequantizeLinear nodes nobody reads any more are dropped."""
+    node shares stays as it was); what nobody reads any more is dropped (``fp32_nodes.drop_unread``)."""
     layers = _layers(model)
     missing = sorted({name for name, _ in values if name not in layers})
     if missing:
@@ -79,22 +79,7 @@ def _replace(model: onnx.ModelProto, values: dict[tuple[str, int], np.ndarray], 
             raise ModelError(f"{name} input {index}: {old} has shape {shapes[old]}, the int8 model's {value.shape}")
         node.input[index] = f"{name}_input{index}_{suffix}"
         model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.input[index]))
-    _drop_unread(model)
-
-
-def _drop_unread(model: onnx.ModelProto) -> None:
-    outputs = {o.name for o in model.graph.output}
-    while True:
-        read = {x for n in model.graph.node for x in n.input} | outputs
-        dead = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in read]
-        if not dead:
-            break
-        for n in dead:
-            model.graph.node.remove(n)
-    read = {x for n in model.graph.node for x in n.input} | outputs
-    kept = [i for i in model.graph.initializer if i.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unread(model.graph)
 
 
 def weights_only(fp32_graph: onnx.ModelProto, int8: onnx.ModelProto) -> onnx.ModelProto:

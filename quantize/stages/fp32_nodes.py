@@ -1,7 +1,7 @@
 """Nodes an int8 QDQ model keeps in fp32 (``quant.nodes_to_exclude``, the accuracy budget's trials, bench-islands),
 written so that ONNX Runtime really runs them in fp32.
 
-Two things stand in the way:
+Three things stand in the way:
 
 - shared initializers: the exporter shares equal tensors (a random-init network's zero biases), and a node kept in
   fp32 that shares one with a quantized node reads the quantized copy through a DequantizeLinear; with no constant
@@ -37,15 +37,25 @@ MOVES_QUANTIZATION = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
 FLOAT_MAX = float(np.finfo(np.float32).max)
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes reading it, each once."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _names_taken(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.initializer} | {t for n in graph.node for t in (*n.input, *n.output)}
+
+
 def with_pools(model: onnx.ModelProto, names: list[str]) -> list[str]:
     """``names`` and every MaxPool reading one of them, directly or through a Relu or Clip (kept with it): in fp32
     too. That changes no value (a max pool commutes with quantization), but left to the quantizer a MaxPool after an
     fp32 layer becomes a channels-first uint8 kernel (after an fp32 ShuffleNetV2 stem: 1.5 ms instead of 0.1 at
     batch 1)."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(model.graph)
     kept, seen = list(names), set(names)
 
     def walk(node: onnx.NodeProto, path: list[str]) -> None:
@@ -72,11 +82,8 @@ def own_initializers(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProt
     out.CopyFrom(model)
     inits = {i.name: i for i in out.graph.initializer}
     keep = set(names)
-    users: dict[str, int] = {}
-    for node in out.graph.node:
-        for name in set(node.input):
-            users[name] = users.get(name, 0) + 1
-    taken = set(inits) | {t for n in out.graph.node for t in (*n.input, *n.output)}
+    users = {name: len(nodes) for name, nodes in _readers(out.graph).items()}
+    taken = _names_taken(out.graph)
     for node in out.graph.node:
         if node.name not in keep:
             continue
@@ -98,18 +105,15 @@ def read_through_cast(model: onnx.ModelProto, names: list[str]) -> list[str]:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    taken = set(inits) | {t for n in graph.node for t in (*n.input, *n.output)}
+    readers = _readers(graph)
+    taken = _names_taken(graph)
     wanted, done, inserted = set(names), [], []
     for node in graph.node:
         if node.name not in wanted or node.op_type not in WEIGHTED or len(node.input) < 2:
             continue
         dq = producer.get(node.input[0])
         weight = inits.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or weight is None or readers[weight.name] != 1 \
+        if dq is None or dq.op_type != "DequantizeLinear" or weight is None or len(readers[weight.name]) != 1 \
                 or weight.data_type != onnx.TensorProto.FLOAT:
             continue
         scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
@@ -134,7 +138,7 @@ def read_through_cast(model: onnx.ModelProto, names: list[str]) -> list[str]:
         done.append(node.name)
     if inserted:
         _insert_before(graph, inserted)
-        _drop_unread_dequantize(graph)
+        drop_unread(graph)
     return done
 
 
@@ -144,11 +148,8 @@ def hold_quantization(model: onnx.ModelProto, names: list[str]) -> list[str]:
     QuantizeLinear reading its output, and between a DequantizeLinear and the node. Returns the nodes held."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    taken = {i.name for i in graph.initializer} | {t for n in graph.node for t in (*n.input, *n.output)}
+    readers = _readers(graph)
+    taken = _names_taken(graph)
     low, high = fresh_name("float_lowest", taken), fresh_name("float_highest", taken)
     wanted, held, before, after = set(names), [], [], []
     for node in graph.node:
@@ -198,11 +199,18 @@ def _insert_before(graph: onnx.GraphProto, inserted: list[tuple[onnx.NodeProto, 
     graph.node.extend(ordered)
 
 
-def _drop_unread_dequantize(graph: onnx.GraphProto) -> None:
-    """Drop the DequantizeLinear nodes nobody reads any more, then QuantizeLinear nodes left without readers."""
+def drop_unread(graph: onnx.GraphProto) -> None:
+    """Drop the DequantizeLinear and QuantizeLinear nodes whose output nobody reads any more (a QuantizeLinear that
+    only fed such a DequantizeLinear too), then the initializers nobody reads."""
+    outputs = {o.name for o in graph.output}
     for op_type in ("DequantizeLinear", "QuantizeLinear"):
-        read = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+        read = {x for n in graph.node for x in n.input} | outputs
         kept = [n for n in graph.node if n.op_type != op_type or n.output[0] in read]
         if len(kept) != len(graph.node):
             del graph.node[:]
             graph.node.extend(kept)
+    read = {x for n in graph.node for x in n.input} | outputs
+    kept_inits = [i for i in graph.initializer if i.name in read]
+    if len(kept_inits) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept_inits)
