@@ -98,10 +98,11 @@ bench-eval: install
 	$(PY) -m quantize.bench.evaluation --model $(MODEL) --root $(DATA) --repeat $(REPEAT) --batch $(BATCH) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_eval.json
 
-## bench-accuracy MODEL=<zoo entry> DATA=<image folder> [FOLDS=2] [VIEWS=12] [DECOMPOSE=1] [ARGS='key=value ...']:
+## bench-accuracy MODEL=<zoo entry> DATA=<image folder> [FOLDS=2] [VIEWS=12] [DECOMPOSE=halves|groups] [ARGS=...]:
 ## int8 fidelity cross-validated (calibrate on the other folds, measure on the held-out one): fp32/int8 top-1 and drop
-## on the photos, agreement on VIEWS views of each (mirror, crops), standard errors beside each; DECOMPOSE=1 also
-## measures the int8 model with only its weights and with only its activations quantized; JSON and table in
+## on the photos, agreement on VIEWS views of each (mirror, crops), standard errors beside each; DECOMPOSE=halves also
+## measures the int8 model with only its weights and with only its activations quantized, DECOMPOSE=groups also each
+## group of activation quantizers alone (one more evaluation per group); JSON and table in
 ## benchmarks/results/<model>/accuracy[-<TAG>].json
 FOLDS     ?= 2
 VIEWS     ?= 12
@@ -109,7 +110,7 @@ TAG       ?=
 DECOMPOSE ?=
 bench-accuracy: install
 	$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
-		--threads $(THREADS) $(if $(DECOMPOSE),--decompose) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json \
+		--threads $(THREADS) $(if $(DECOMPOSE),--decompose $(DECOMPOSE)) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json \
 		$(ARGS)
 
 ## bench-ablations MODEL=<zoo entry> DATA=<image folder> [VARIANTS='plain no-balance ...'] [ARGS=...]: bench-accuracy

@@ -12,16 +12,25 @@ keeps node names):
   quantizer folds ReLU and Clip into the ranges); the layers read them through Cast
   (``stages.fp32_nodes.read_through_cast``), or ONNX Runtime would quantize their float weights itself.
 
-Neither is meant to run fast: ONNX Runtime runs their layers in fp32 kernels.
+One step further, ``activation_groups`` sorts the int8 model's activation quantizers by where they sit (the input,
+then the first component of the tensor's name: a stem, a stage, the Concats of the channel-shuffle rewrite, the
+head), and ``with_activations`` builds the fp32 graph with only the quantizers of chosen tensors, each a
+QuantizeLinear/DequantizeLinear pair with the int8 model's scale and zero point after the tensor: what one group of
+activation quantizers costs on its own. Its layers read the quantizers through Cast too.
+
+None of them is meant to run fast: ONNX Runtime runs their layers in fp32 kernels.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from quantize.core.errors import ModelError
+from quantize.graph.onnx_graph import fresh_name
 from quantize.stages.fp32_nodes import drop_unread, read_through_cast
 
 LAYERS = ("Conv", "Gemm", "MatMul")
@@ -105,4 +114,80 @@ def activations_only(fp32_graph: onnx.ModelProto, int8: onnx.ModelProto) -> onnx
     model.CopyFrom(int8)
     _replace(model, values, "fp32")
     read_through_cast(model, sorted({name for name, _ in values}))
+    return model
+
+
+def _quantizers(int8: onnx.ModelProto, graph: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """fp32 tensor name -> the int8 model's QuantizeLinear of that activation (a quantized graph output is named
+    ``<output>_QuantizeLinear_Input`` there)."""
+    constants = {i.name for i in int8.graph.initializer}
+    outputs = {o.name for o in graph.graph.output}
+    found = {}
+    for node in int8.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in constants:
+            continue
+        tensor = node.input[0]
+        if tensor.endswith("_QuantizeLinear_Input") and tensor[:-len("_QuantizeLinear_Input")] in outputs:
+            tensor = tensor[:-len("_QuantizeLinear_Input")]
+        found[tensor] = node
+    return found
+
+
+def _group_of(tensor: str, inputs: set[str], outputs: set[str]) -> str:
+    if tensor in inputs:
+        return "input"
+    if tensor in outputs:
+        return "output"
+    first = tensor.split("/")[1] if tensor.startswith("/") else tensor
+    return re.split(r"__|_output", first)[0] or tensor
+
+
+def activation_groups(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, list[str]]:
+    """Group name -> the fp32 tensors whose quantizers it holds, in graph order of the first one."""
+    inputs = {i.name for i in graph.graph.input}
+    outputs = {o.name for o in graph.graph.output}
+    produced = inputs | {o for n in graph.graph.node for o in n.output}
+    groups: dict[str, list[str]] = {}
+    for tensor in _quantizers(int8, graph):
+        if tensor not in produced:
+            raise ModelError(f"the int8 model quantizes {tensor}, which the fp32 graph does not have: not the graph "
+                             "this int8 model was quantized from")
+        groups.setdefault(_group_of(tensor, inputs, outputs), []).append(tensor)
+    return groups
+
+
+def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """The fp32 graph with the int8 model's quantizers of ``tensors`` only: a QuantizeLinear and DequantizeLinear
+    with its scale and zero point after each tensor, read by all its readers (a graph output keeps its name and
+    becomes the dequantized value)."""
+    quantizers = _quantizers(int8, graph)
+    constants = {i.name: i for i in int8.graph.initializer}
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    taken = {i.name for i in model.graph.initializer} | {t for n in model.graph.node for t in (*n.input, *n.output)}
+    outputs = {o.name for o in model.graph.output}
+    for tensor in tensors:
+        q = quantizers[tensor]
+        params = []
+        for part, source in (("scale", q.input[1]), ("zero_point", q.input[2])):
+            copy = onnx.TensorProto()
+            copy.CopyFrom(constants[source])
+            copy.name = fresh_name(f"{tensor}_fake_{part}", taken)
+            model.graph.initializer.append(copy)
+            params.append(copy.name)
+        quantized = fresh_name(f"{tensor}_fake_quantized", taken)
+        if tensor in outputs:  # its producer writes a new name; the dequantized value takes the output's
+            source, restored = fresh_name(f"{tensor}_fp32", taken), tensor
+            for node in model.graph.node:
+                node.output[:] = [source if x == tensor else x for x in node.output]
+        else:
+            source, restored = tensor, fresh_name(f"{tensor}_fake_dequantized", taken)
+            for node in model.graph.node:
+                node.input[:] = [restored if x == tensor else x for x in node.input]
+        steps = [helper.make_node("QuantizeLinear", [source, *params], [quantized], name=quantized),
+                 helper.make_node("DequantizeLinear", [quantized, *params], [restored], name=restored)]
+        after = next((k + 1 for k, n in enumerate(model.graph.node) if source in n.output), 0)
+        for offset, step in enumerate(steps):
+            model.graph.node.insert(after + offset, step)
+    read_through_cast(model, list(_layers(model)))  # or ONNX Runtime quantizes the layers between the quantizers
     return model

@@ -96,16 +96,22 @@ def held_out_predictions(models: dict[str, Path], samples: list[Sample], p: Prep
     return {name: top1_of(path, batches, threads).reshape(len(samples), views) for name, path in models.items()}
 
 
-def half_quantized(pipeline: Any, int8: Path, into: Path) -> dict[str, Path]:
+def half_quantized(pipeline: Any, int8: Path, into: Path, groups: bool = False) -> dict[str, Path]:
     """The int8 model with only its weights, and with only its activations, quantized (``accuracy.partial_quant``),
-    built from the graph the quantizer read."""
-    from quantize.accuracy.partial_quant import activations_only, weights_only
+    built from the graph the quantizer read; with ``groups``, also the fp32 graph with each group of activation
+    quantizers alone (``group:<name>``)."""
+    from quantize.accuracy.partial_quant import activation_groups, activations_only, weights_only, with_activations
 
     graph, quantized = onnx.load(pipeline.get("optimize").path), onnx.load(str(int8))
+    builds = {"weights_only": lambda: weights_only(graph, quantized),
+              "activations_only": lambda: activations_only(graph, quantized)}
+    if groups:
+        for group, tensors in activation_groups(graph, quantized).items():
+            builds[f"group:{group}"] = lambda tensors=tensors: with_activations(graph, quantized, tensors)
     paths = {}
-    for name, build in (("weights_only", weights_only), ("activations_only", activations_only)):
-        paths[name] = into / f"{name}.onnx"
-        onnx.save(build(graph, quantized), str(paths[name]))
+    for k, (name, build) in enumerate(builds.items()):
+        paths[name] = into / f"half{k}.onnx"
+        onnx.save(build(), str(paths[name]))
     return paths
 
 
@@ -145,9 +151,10 @@ def copy_tree(samples: list[Sample], root: Path, into: Path) -> Path:
 
 
 def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int = 12, work_dir: Path | None = None,
-        threads: int = 0, decompose: bool = False) -> dict[str, Any]:
-    """The cross-validated figures; with ``decompose`` also the agreement of the int8 model with only its weights,
-    and with only its activations, quantized (``half_quantized``), on the same views."""
+        threads: int = 0, decompose: str | None = None) -> dict[str, Any]:
+    """The cross-validated figures; with ``decompose`` (``halves`` or ``groups``) also the agreement of the int8
+    model with only its weights, and with only its activations, quantized, and with ``groups`` of each group of
+    activation quantizers alone (``half_quantized``), on the same views."""
     from quantize.jobs.release import compose_model
     from quantize.pipeline.runner import Pipeline
 
@@ -171,7 +178,7 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
             if decompose:
                 halves = Path(scratch) / f"halves{k}"
                 halves.mkdir()
-                models.update(half_quantized(pipeline, int8, halves))
+                models.update(half_quantized(pipeline, int8, halves, groups=decompose == "groups"))
             pred = held_out_predictions(models, held_out, pipeline.preprocess, views, threads)
             fold_labels = np.array([s.label for s in held_out])
             results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})
@@ -188,9 +195,17 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
               "all": combined(preds, labels), "views_per_photo": views, "agreeing_views": per_photo["int8"]}
     if decompose:
         fp32_all = np.concatenate([p["fp32"] for p in preds])
-        result["half_quantized"] = {
-            name: {**agreement_of(np.concatenate([p[name] for p in preds]), fp32_all), "agreeing_views": per_photo[name]}
-            for name in ("weights_only", "activations_only")}
+
+        def measured(name: str) -> dict[str, Any]:
+            return {**agreement_of(np.concatenate([p[name] for p in preds]), fp32_all),
+                    "agreeing_views": per_photo[name]}
+
+        result["half_quantized"] = {name: measured(name) for name in ("weights_only", "activations_only")}
+        groups = [name for name in preds[0] if name.startswith("group:")]
+        if any(set(groups) != {n for n in p if n.startswith("group:")} for p in preds):
+            raise QuantizeError("the folds' int8 models hold different groups of activation quantizers")
+        if groups:
+            result["activation_groups"] = {name.split(":", 1)[1]: measured(name) for name in groups}
     return {**result, "seconds": time.perf_counter() - started,
             "load_average": list(os.getloadavg()), "cores": os.cpu_count()}
 
@@ -224,6 +239,9 @@ def as_table(result: dict[str, Any]) -> str:
     for name, half in result.get("half_quantized", {}).items():
         lines.append(f"\nOnly the {name.split('_')[0]} quantized: agreement {half['agreement']:.2f}"
                      f"{se(half['agreement_se'])} (views)")
+    for name, group in result.get("activation_groups", {}).items():
+        lines.append(f"\nOnly the activation quantizers of {name}: agreement {group['agreement']:.2f}"
+                     f"{se(group['agreement_se'])} (views)")
     return "\n".join(lines)
 
 
@@ -251,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON result (a .md table is written beside it)")
-    parser.add_argument("--decompose", action="store_true", help="also measure the int8 model with only its weights, "
-                        "and with only its activations, quantized (where the disagreement comes from)")
+    parser.add_argument("--decompose", choices=("halves", "groups"), help="also measure the int8 model with only its "
+                        "weights, and with only its activations, quantized (halves), and each group of activation "
+                        "quantizers alone (groups): where the disagreement comes from")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="add that variant's overrides (see VARIANTS); "
                         "the default --out becomes accuracy-VARIANT.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. quant=u8s8_plain")

@@ -148,7 +148,19 @@ def decomposition(results: Path) -> str:
     note = ("Agreement with fp32 on the held-out views of the default cross-validation; the half-quantized models are "
             "the int8 model's own weights in the fp32 graph, and the int8 model with the fp32 weights back "
             "(`quantize/accuracy/partial_quant.py`).")
-    return "\n".join([head, *rows, "", note, _artifacts(used, results)]) + "\n"
+    group_rows = []
+    for model, title in NETWORKS.items():
+        data = _load(results / model / "accuracy.json") or {}
+        for name, group in data.get("activation_groups", {}).items():
+            group_rows.append(f"| {title} | {name} | {_pm(group['agreement'], group['agreement_se'], unit='%')} |")
+    groups = []
+    if group_rows:
+        groups = ["", "Each group of the int8 model's activation quantizers alone on the fp32 graph (groups by where the "
+                  "tensor sits: the input, the first part of its name, `channels` for the Concats of the channel-shuffle "
+                  "rewrite, `output` for the logits):", "",
+                  "| network | activation quantizers | agreement with fp32 (views), only these quantized |",
+                  "|---|---|---|", *group_rows]
+    return "\n".join([head, *rows, "", note, *groups, "", _artifacts(used, results)]) + "\n"
 
 
 def calibration(results: Path) -> str:

@@ -83,3 +83,26 @@ def test_a_graph_other_than_the_quantized_one_is_refused(pair):
             build(other, int8)
     with pytest.raises(ModelError, match="no layer reads quantized weights"):
         weights_only(graph, graph)
+
+
+def test_groups_of_activation_quantizers_rebuild_the_activations_only_model(pair, tmp_path):
+    from quantize.accuracy.partial_quant import activation_groups, with_activations
+
+    graph, int8, x = pair
+    groups = activation_groups(graph, int8)
+    assert groups["input"] == ["x"] and groups["output"] == ["out"]
+    every = [t for tensors in groups.values() for t in tensors]
+    assert len(every) == len(set(every)) == Counter(n.op_type for n in int8.graph.node)["QuantizeLinear"]
+    rebuilt = with_activations(graph, int8, every)
+    onnx.checker.check_model(rebuilt)
+    # all quantizers on the fp32 graph: the activations-only model (fp32 weights read through Cast in both)
+    np.testing.assert_allclose(run(rebuilt, x), run(activations_only(graph, int8), x), rtol=1e-4, atol=1e-4)
+    optimized = tmp_path / "optimized.onnx"
+    make_session(rebuilt.SerializeToString(), optimized_model_path=optimized)
+    assert not [n for n in onnx.load(str(optimized)).graph.node if n.op_type == "QLinearConv"]
+    fp32_out, every_out = run(graph, x), run(rebuilt, x)
+    for tensors in groups.values():  # each group alone: a part of the error, never none of it for the input
+        alone = run(with_activations(graph, int8, tensors), x)
+        assert np.abs(alone - fp32_out).mean() <= np.abs(every_out - fp32_out).mean() * 1.5
+    assert np.abs(run(with_activations(graph, int8, ["x"]), x) - fp32_out).max() > 0
+    assert np.array_equal(run(with_activations(graph, int8, []), x), fp32_out)

@@ -54,7 +54,7 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
     out = tmp_path / "acc.json"
     code = main(["--model", "shufflenet_v2_x0_5", "--root", str(data), "--views", "2", "--threads", "1",
-                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "model.pretrained=false",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "groups", "model.pretrained=false",
                  "export.check_images=2", "calib.batch_size=3"])
     assert code == 0
     result = json.loads(out.read_text())
@@ -68,6 +68,9 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
         assert set(half["agreeing_views"]) == set(result["agreeing_views"])
         counts = np.array(list(half["agreeing_views"].values()))
         assert half["agreement"] == pytest.approx(100 * counts.mean() / 2) and counts.max() <= 2
+    groups = result["activation_groups"]  # ShuffleNetV2's parts: the input, the stem, its stages, the head
+    assert {"input", "conv1", "stage2", "stage3", "stage4", "output"} <= set(groups)
+    assert all(set(g["agreeing_views"]) == set(result["agreeing_views"]) for g in groups.values())
 
 
 def test_a_variant_adds_its_overrides_and_names_its_file(tmp_path, monkeypatch):
