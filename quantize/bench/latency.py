@@ -87,7 +87,7 @@ def run(models: dict[str, Path], batch: int = 32, iterations: int = 50, threads:
                           runtimes=runtime_of)
     batched = rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
     rounds = max(5, min(iterations, 20)) if batch > 1 else iterations
-    throughput = time_blocks(models, batched, rounds, threads=threads, warmup=max(1, warmup // 2), blocks=blocks,
+    throughput = time_blocks(models, batched, rounds, threads=threads, warmup=warmup, blocks=blocks,
                              runtimes=runtime_of)
     result: dict[str, Any] = {
         "schema": SCHEMA,

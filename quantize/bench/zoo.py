@@ -144,7 +144,7 @@ def interleaved_ms(models: dict[str, Path], args: argparse.Namespace
     per_run = []
     for _ in range(args.runs):
         b1 = time_blocks(models, single, args.iterations, threads=args.threads, warmup=3, blocks=args.blocks)
-        bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=1,
+        bn = time_blocks(models, batched, args.batch_iterations, threads=args.threads, warmup=3,
                          blocks=min(args.blocks, args.batch_iterations))
         per_run.append({tag: {"b1": 1000 * statistics.median(b1[tag]),
                               f"b{args.batch}": 1000 * statistics.median(bn[tag])} for tag in models})

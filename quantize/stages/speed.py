@@ -10,6 +10,11 @@ measurements reproduce within a few percent; the ratio of the fastest runs is ke
 but is not steady here: this VM sometimes runs a whole block 35% faster (fp32 Lite0 5.1 instead of 7.9 ms), and
 one such block decides a minimum. Sessions are created the way the evaluate stage creates
 them (all graph optimizations, so the int8 model's QDQ pairs are fused into integer kernels).
+
+Every block starts with at least ``MIN_WARMUP`` untimed runs: a fresh ONNX Runtime session plans its memory on the
+first run and allocates that plan, page by page, on the second, so at batch 32 its first two runs take up to twice
+as long as the later ones (ShuffleNetV2 x0.25 fp32: 70, 63, then 32 ms), and more so for the model with more memory.
+Timing the second run measured page faults, not kernels, and flattered int8.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from quantize.core.inference import DEFAULT, get_runtime
 from quantize.core.runtime import cpu_name
 
 log = logging.getLogger(__name__)
+
+MIN_WARMUP = 2
 
 
 @dataclass
@@ -47,12 +54,13 @@ class Latency:
 def time_blocks(models: dict[str, Path], batch: np.ndarray, runs: int, threads: int = 0, warmup: int = 5,
                 blocks: int = 4, runtimes: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Seconds of each of ``runs`` runs of every model on ``batch``: ``blocks`` alternating blocks, each with a
-    freshly loaded model (warmed up by ``warmup`` runs) that is the only one alive while it is timed. ``runtimes``
-    maps a model's name to the runtime it runs in (default: ONNX Runtime), so one call alternates runtimes too."""
+    freshly loaded model (warmed up by ``warmup`` runs, at least ``MIN_WARMUP``) that is the only one alive while it
+    is timed. ``runtimes`` maps a model's name to the runtime it runs in (default: ONNX Runtime), so one call
+    alternates runtimes too."""
     if runs < 1 or blocks < 1:
         raise ValueError("runs and blocks must be >= 1")
     engines = {name: get_runtime((runtimes or {}).get(name, DEFAULT)) for name in models}
-    blocks = min(blocks, runs)
+    blocks, warmup = min(blocks, runs), max(warmup, MIN_WARMUP)
     times: dict[str, list[float]] = {name: [] for name in models}
     for count in [runs // blocks + (1 if b < runs % blocks else 0) for b in range(blocks)]:
         for name, path in models.items():
