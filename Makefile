@@ -116,7 +116,7 @@ bench-accuracy: install
 ## bench-ablations MODEL=<zoo entry> DATA=<image folder> [VARIANTS='plain no-balance ...'] [ARGS=...]: bench-accuracy
 ## once per variant of the default recipe (quantize/bench/accuracy.py VARIANTS: each part off in turn, the plain and
 ## GPTQ presets): benchmarks/results/<model>/accuracy-<variant>.json, the README's ablation table.
-VARIANTS ?= plain gptq-only no-balance percentile no-shared-concat no-weight-scales no-gptq bias-correction
+VARIANTS ?= plain gptq-only no-balance percentile no-shared-concat no-weight-scales no-gptq bias-correction int8-stem
 bench-ablations: install
 	for v in $(VARIANTS); do \
 		$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \

@@ -181,6 +181,9 @@ class QuantConfig:
     # the int8 model quantizes 8-bit pixels, exact at scale 1 (graph/pixel_input.py): ShuffleNetV2 x1.0 agreement
     # +0.5 points for 5-10% of int8 speed, so off in every preset (README, "Accuracy beyond the default")
     pixel_input: bool = False
+    # a stem convolution followed by a MaxPool stays in fp32 with its activation and pool, padded to 16-channel
+    # blocks (static_quant, graph/stem_channels.pooled_stem): the input and the stem's output are not quantized
+    float_stem: bool = False
     weight_scales: WeightScales = WeightScales.max  # search: per-channel scales of least rounding error
     weight_rounding: WeightRounding = WeightRounding.nearest  # gptq: int8 weights minimizing each layer's output error
     bias_correction: bool = False  # int32 biases moved so each Conv/Gemm's mean output per channel matches fp32

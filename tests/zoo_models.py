@@ -122,3 +122,24 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.features(x), 1))
+
+
+class Pooled(nn.Module):
+    """ShuffleNet's first layers in small: a 24-channel stem, its pool read by a depthwise convolution (then a
+    pointwise one) and by a pointwise convolution."""
+
+    def __init__(self, activation: nn.Module | None = None, pool: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = conv_bn(3, 24, 3, 2)
+        if activation is not None:
+            self.stem[-1] = activation
+        self.pool = nn.MaxPool2d(3, 2, 1) if pool else nn.Identity()
+        self.dw = nn.Conv2d(24, 24, 3, 1, 1, groups=24)
+        self.pw_dw = conv_bn(24, 16)
+        self.pw = conv_bn(24, 16)
+        randomize_bn(self)
+
+    def forward(self, x):
+        y = self.pool(self.stem(x))
+        return torch.cat((self.pw_dw(self.dw(y)), self.pw(y)), 1).mean((2, 3))

@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 
 from quantize.core.errors import ModelError
 from quantize.graph.onnx_graph import fresh_name
-from quantize.stages.fp32_nodes import drop_unread, read_through_cast
+from quantize.stages.fp32_nodes import drop_unread, held_tensors, read_through_cast
 
 LAYERS = ("Conv", "Gemm", "MatMul")
 WEIGHT_AND_BIAS = (1, 2)  # the inputs of a layer that the quantizer stores as integers
@@ -119,14 +119,16 @@ def activations_only(fp32_graph: onnx.ModelProto, int8: onnx.ModelProto) -> onnx
 
 def _quantizers(int8: onnx.ModelProto, graph: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """fp32 tensor name -> the int8 model's QuantizeLinear of that activation (a quantized graph output is named
-    ``<output>_QuantizeLinear_Input`` there)."""
+    ``<output>_QuantizeLinear_Input`` there; the output of a node kept in fp32 is read through the full-range Clip of
+    ``fp32_nodes.hold_quantization``)."""
     constants = {i.name for i in int8.graph.initializer}
     outputs = {o.name for o in graph.graph.output}
+    held = held_tensors(int8.graph)
     found = {}
     for node in int8.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in constants:
             continue
-        tensor = node.input[0]
+        tensor = held.get(node.input[0], node.input[0])
         if tensor.endswith("_QuantizeLinear_Input") and tensor[:-len("_QuantizeLinear_Input")] in outputs:
             tensor = tensor[:-len("_QuantizeLinear_Input")]
         found[tensor] = node

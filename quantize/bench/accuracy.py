@@ -101,8 +101,11 @@ def half_quantized(pipeline: Any, int8: Path, into: Path, groups: bool = False) 
     built from the graph the quantizer read; with ``groups``, also the fp32 graph with each group of activation
     quantizers alone (``group:<name>``)."""
     from quantize.accuracy.partial_quant import activation_groups, activations_only, weights_only, with_activations
+    from quantize.stages.static_quant import with_float_layers
 
-    graph, quantized = onnx.load(pipeline.get("optimize").path), onnx.load(str(int8))
+    q = pipeline.cfg.quant
+    graph = with_float_layers(onnx.load(pipeline.get("optimize").path), list(q.nodes_to_exclude), q.float_stem)[0]
+    quantized = onnx.load(str(int8))
     builds = {"weights_only": lambda: weights_only(graph, quantized),
               "activations_only": lambda: activations_only(graph, quantized)}
     if groups:
@@ -257,6 +260,7 @@ VARIANTS: dict[str, list[str]] = {
     "no-gptq": ["quant.weight_rounding=nearest"],
     "bias-correction": ["quant.bias_correction=true"],
     "pixel-input": ["quant.pixel_input=true"],
+    "int8-stem": ["quant.float_stem=false"],
 }
 
 

@@ -5,8 +5,8 @@
 
 For each entry: random-init weights (int8 kernels do not depend on the values), exported as the export stage does,
 calibrated on ``--calib-images`` class-balanced images in the entry's own preprocessing (``model.preprocess``)
-(percentile) and quantized in the default recipe's int8 layout (U8S8 per-channel QDQ, shared Concat ranges), all
-with the current graph rewrites. ``--before`` also builds the int8 model without the rewrites of issue #17
+(percentile) and quantized in the default recipe's int8 layout (U8S8 per-channel QDQ, shared Concat ranges, a
+stem before a MaxPool in fp32), all with the current graph rewrites. ``--before`` also builds the int8 model without the rewrites of issue #17
 (``graph.optimize.ZOO_REWRITES``), to show what they changed.
 
 Timing is ``stages.speed.time_blocks``: fp32 and int8 (and the before model) in alternating blocks, one session
@@ -83,15 +83,16 @@ def calibrated(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...]
 
 def quantized(fp32: Path, images: np.ndarray, work: Path, skip: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """Calibrate (percentile) and quantize the rewritten graph in the default recipe's int8 layout (U8S8
-    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy); ``skip``
-    leaves rewrites out. The default recipe's other parts change values only, not the kernels timed here.
+    per-channel QDQ, each Concat's inputs and output on one range, which ONNX Runtime runs as a copy, and a stem
+    before a MaxPool kept in fp32: ``quant.float_stem``); ``skip`` leaves rewrites out, and then the stem in int8
+    too, as before issue #17. The default recipe's other parts change values only, not the kernels timed here.
     Returns the int8 path and the rewrite counts."""
     from quantize.stages.static_quant import quantize_model
 
     tag = "before" if skip else "int8"
     graph, ranges, report = calibrated(fp32, images, work, skip, tag)
     out = work / f"{tag}.onnx"
-    quantize_model(graph, ranges, out, method="percentile", optimize_graph=False)
+    quantize_model(graph, ranges, out, method="percentile", optimize_graph=False, float_stem=not skip)
     return out, report
 
 

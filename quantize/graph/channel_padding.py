@@ -14,6 +14,10 @@ one process, interleaved: Megvii x1.0 1.77 -> 1.87, torchvision x1.0 2.13 -> 2.2
 2.57 -> 2.52 and 2.35 -> 2.29). The
 new channels hold 0 everywhere, in int8 too (zero is exact in every scale), so the function is unchanged. A chain
 with any other reader (another depthwise convolution, a Concat, a graph output) is left alone.
+
+A stem kept in fp32 with its pool (``quant.float_stem``) is padded through the MaxPool
+(``through_pools_from``): there the padding lets ONNX Runtime's fp32 kernels keep the stem and the pool in their
+16-channel blocked layout, which a 24-channel output leaves for plain NCHW before the pool.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ ALIGN = 16
 ZERO_KEEPING = {"Relu", "Clip"}
 
 
-def _keeps_zero(g: Graph, node) -> bool:
+def _keeps_zero(g: Graph, node, pools: bool = False) -> bool:
+    if pools and node.op_type == "MaxPool":  # its padding is never a candidate value
+        return True
     if node.op_type != "Clip":
         return node.op_type in ZERO_KEEPING
     bounds = []
@@ -50,21 +56,24 @@ def _padded(value: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.pad(value, widths)
 
 
-def pad_depthwise_channels(g: Graph, report: Report, align: int = ALIGN) -> None:
+def pad_depthwise_channels(g: Graph, report: Report, align: int = ALIGN,
+                           through_pools_from: frozenset[str] = frozenset()) -> None:
+    """``through_pools_from``: names of dense convolutions whose chain may pass a MaxPool."""
     producers, readers = g.producers(), g.consumers()
     outputs = g.output_names
+    pools = bool(through_pools_from)
 
     def tensors_through(start: str, forward: bool) -> list[str]:
         """``start`` and the tensors joined to it through zero-keeping ops (backwards: up to the first other op)."""
         chain, name = [start], start
         if not forward:
-            while (node := producers.get(name)) is not None and _keeps_zero(g, node):
+            while (node := producers.get(name)) is not None and _keeps_zero(g, node, pools):
                 name = node.input[0]
                 chain.append(name)
             return chain
         for name in chain:
             for node in readers.get(name, []):
-                if _keeps_zero(g, node) and node.input[0] == name:
+                if _keeps_zero(g, node, pools) and node.input[0] == name:
                     chain.append(node.output[0])
         return chain
 
@@ -77,6 +86,8 @@ def pad_depthwise_channels(g: Graph, report: Report, align: int = ALIGN) -> None
         source = producers.get(back[-1])
         if source is None or not _dense_conv(g, source):
             continue
+        if any(producers[t].op_type == "MaxPool" for t in back[:-1]) and source.name not in through_pools_from:
+            continue
         ahead = tensors_through(dw.output[0], forward=True)
         chain = set(back) | set(ahead)
         if chain & outputs:
@@ -84,7 +95,7 @@ def pad_depthwise_channels(g: Graph, report: Report, align: int = ALIGN) -> None
         dense_readers, ok = [], True
         for name in chain:
             for node in readers.get(name, []):
-                if node is dw or (node.output[0] in chain and _keeps_zero(g, node)):
+                if node is dw or (node.output[0] in chain and _keeps_zero(g, node, pools)):
                     continue
                 if _dense_conv(g, node) and node.input[0] == name:
                     dense_readers.append(node)

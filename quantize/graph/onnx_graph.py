@@ -60,8 +60,15 @@ class Graph:
         self._counter = 0
 
     def fresh(self, base: str) -> str:
-        self._counter += 1
-        return f"{base}__gopt{self._counter}"
+        """A new tensor name: ``base__goptN``, N counting up, skipping names the graph holds (a graph rewritten
+        before holds such names already)."""
+        taken = set(self.inits) | {t for n in self.nodes for t in (*n.input, *n.output)} | \
+            {v.name for v in (*self.inputs, *self.outputs)}
+        while True:
+            self._counter += 1
+            name = f"{base}__gopt{self._counter}"
+            if name not in taken:
+                return name
 
     def set_init(self, name: str, value: np.ndarray) -> None:
         self.inits[name] = value

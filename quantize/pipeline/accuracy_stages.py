@@ -111,7 +111,8 @@ class AccuracyStages:
         return dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
                     per_channel=q.per_channel, reduce_range=q.reduce_range, opset=q.opset,
                     op_types=list(q.op_types) if q.op_types else None,
-                    nodes_to_exclude=list(q.nodes_to_exclude) + list(extra_excluded or []))
+                    nodes_to_exclude=list(q.nodes_to_exclude) + list(extra_excluded or []),
+                    **({"float_stem": True} if q.float_stem else {}))  # keys cached before the option stay valid
 
     # --- images ----------------------------------------------------------------------------------------------
     def _calibration_subset(self, n: int | None) -> tuple[list[Sample], Path]:

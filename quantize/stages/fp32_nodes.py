@@ -178,6 +178,14 @@ def hold_quantization(model: onnx.ModelProto, names: list[str]) -> list[str]:
     return held
 
 
+def held_tensors(graph: onnx.GraphProto) -> dict[str, str]:
+    """The output of each full-range Clip (``hold_quantization``'s) -> the tensor it passes on."""
+    full = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 0
+            and abs(float(numpy_helper.to_array(i))) == FLOAT_MAX}
+    return {n.output[0]: n.input[0] for n in graph.node
+            if n.op_type == "Clip" and len(n.input) == 3 and n.input[1] in full and n.input[2] in full}
+
+
 def _insert_after(graph: onnx.GraphProto, inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]]) -> None:
     step_of = {node.output[0]: step for node, step in inserted}
     ordered = []

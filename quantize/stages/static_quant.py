@@ -16,7 +16,7 @@ from onnxruntime.quantization import QuantFormat as OrtQuantFormat, QuantType as
 
 from quantize.graph import optimize as graph_opt
 from quantize.graph.pixel_input import pixel_quantization
-from quantize.graph.stem_channels import move_input_quantization, narrow_float_stems
+from quantize.graph.stem_channels import move_input_quantization, narrow_float_stems, pad_float_stem, pooled_stem
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
 from quantize.stages.fp32_nodes import hold_quantization, own_initializers, read_through_cast, with_pools
@@ -68,11 +68,12 @@ def _quiet_root_logger():
 def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method: str, fmt: str = "qdq",
                    activation_type: str = "uint8", weight_type: str = "int8", per_channel: bool = True,
                    reduce_range: bool = False, opset: int | None = None, op_types: list[str] | None = None,
-                   nodes_to_exclude: list[str] | None = None, optimize_graph: bool = True,
-                   extra_options: dict | None = None) -> Quantized:
+                   nodes_to_exclude: list[str] | None = None, float_stem: bool = False,
+                   optimize_graph: bool = True, extra_options: dict | None = None) -> Quantized:
     """Quantize ``fp32_path`` with the ranges of ``ranges_path`` (from ``calibrate`` with the same
     ``optimize_graph``): the graph is first rewritten by ``graph_opt.optimize`` (fp32-exact), so that ONNX Runtime
-    fuses every quantized op into an integer kernel."""
+    fuses every quantized op into an integer kernel. ``float_stem``: a stem convolution followed by a MaxPool stays
+    in fp32 with its activation and pool (``stem_channels.pooled_stem``), padded to 16-channel blocks."""
     fmt = choice(QuantFormat, fmt, "quant.format").value
     activation_type = choice(QuantType, activation_type, "quant.activation_type").value
     weight_type = choice(QuantType, weight_type, "quant.weight_type").value
@@ -95,14 +96,9 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
             tensors, mapping, bounds = pixels
             ranges_path = _pin_ranges(ranges_path, tensors, bounds, Path(scratch) / "ranges.json")
             nodes_to_exclude = [*(nodes_to_exclude or []), *mapping]
-        if nodes_to_exclude:
-            fp32_graph = onnx.load(str(prepared))
-            extended = with_pools(fp32_graph, list(nodes_to_exclude))
-            if len(extended) > len(nodes_to_exclude):
-                log.info("also kept in fp32, after layers kept in fp32: %s", examples(extended[len(nodes_to_exclude):]))
-            nodes_to_exclude = extended
-            fp32_graph = own_initializers(fp32_graph, nodes_to_exclude)
-            narrow_float_stems(fp32_graph, nodes_to_exclude)
+        if float_stem or nodes_to_exclude:
+            fp32_graph, nodes_to_exclude = with_float_layers(onnx.load(str(prepared)), nodes_to_exclude or [],
+                                                             float_stem)
             onnx.save(fp32_graph, str(prepared))
         with _quiet_root_logger():
             quantize_static(
@@ -121,6 +117,30 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
              out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
              target_opset, seconds)
     return Quantized(out_path, target_opset, seconds)
+
+
+def with_float_layers(model: onnx.ModelProto, names: list[str], float_stem: bool = False
+                      ) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph ONNX Runtime's quantizer reads when the nodes ``names`` (and with ``float_stem`` the stem before a
+    MaxPool: ``stem_channels.pooled_stem``) stay in fp32, and every node kept: the MaxPools after them too, on
+    initializers of their own, a stem reading 3 channels again and, when it is kept, padded to 16-channel blocks."""
+    stem = pooled_stem(model)
+    names = list(names)
+    if float_stem and stem is not None and stem not in names:
+        log.info("kept in fp32 (quant.float_stem): the stem %s with its pool", stem)
+        names.append(stem)
+    if not names:
+        return model, []
+    extended = with_pools(model, names)
+    if len(extended) > len(names):
+        log.info("also kept in fp32, after layers kept in fp32: %s", examples(extended[len(names):]))
+    model = own_initializers(model, extended)
+    narrow_float_stems(model, extended)
+    if stem in extended:
+        model, added = pad_float_stem(model, stem)
+        if added:
+            log.info("the fp32 stem padded with %d zero channels", added)
+    return model, extended
 
 
 def _pin_ranges(ranges_path: Path, tensors: list[str], bounds: tuple[float, float], out_path: Path) -> Path:

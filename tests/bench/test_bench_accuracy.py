@@ -69,7 +69,8 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
         counts = np.array(list(half["agreeing_views"].values()))
         assert half["agreement"] == pytest.approx(100 * counts.mean() / 2) and counts.max() <= 2
     groups = result["activation_groups"]  # ShuffleNetV2's parts: the input, the stem, its stages, the head
-    assert {"input", "conv1", "stage2", "stage3", "stage4", "output"} <= set(groups)
+    assert {"maxpool", "stage2", "stage3", "stage4", "output"} <= set(groups)
+    assert not {"input", "conv1"} & set(groups)  # the default recipe's stem and its pool are fp32 (quant.float_stem)
     assert all(set(g["agreeing_views"]) == set(result["agreeing_views"]) for g in groups.values())
 
 

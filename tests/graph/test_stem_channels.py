@@ -11,7 +11,7 @@ from quantize.graph.optimize import optimize
 from quantize.stages.calibrate import calibrate, save_ranges
 from quantize.stages.export import export_onnx
 from quantize.stages.static_quant import quantize_model
-from zoo_models import assert_exact, conv_bn, ops, randomize_bn
+from zoo_models import Pooled, assert_exact, conv_bn, exported, ops, randomize_bn
 
 
 class Stem(nn.Module):
@@ -62,3 +62,31 @@ def test_stem_reads_four_channels_exactly(tmp_path):
     got = make_session(wide_int8).run(None, {"input": x})[0]
     want = make_session(narrow_int8).run(None, {"input": x})[0]
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_stem_before_a_max_pool_is_found_and_padded_exactly_through_it(tmp_path):
+    from quantize.graph.stem_channels import pad_float_stem, pooled_stem
+
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    original = exported(Pooled(), tmp_path / "pooled.onnx", x)
+    rewritten, report = optimize(original)
+    assert "zero_channels_added" not in report.as_dict()  # the int8 stem is not padded through its pool
+    stem = pooled_stem(rewritten)
+    assert stem is not None and stem == pooled_stem(original)  # read through the widening Gather too
+    padded, added = pad_float_stem(rewritten, stem)
+    assert added == 8
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in padded.graph.initializer}
+    shapes = {n.name.split("/")[1]: weights[n.input[1]].shape for n in padded.graph.node if n.op_type == "Conv"}
+    assert shapes["stem"][0] == 32 and shapes["dw"] == (32, 1, 3, 3)
+    assert shapes["pw"][1] == 32 and shapes["pw_dw"][1] == 32
+    for batch in (1, 3):
+        assert_exact(original, padded, x[:batch])
+
+
+def test_no_pooled_stem_without_a_max_pool_or_behind_another_activation(tmp_path):
+    from quantize.graph.stem_channels import pooled_stem
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    assert pooled_stem(exported(Pooled(pool=False), tmp_path / "a.onnx", x)) is None
+    assert pooled_stem(exported(Pooled(activation=nn.SiLU()), tmp_path / "b.onnx", x)) is None
+    assert pooled_stem(exported(Pooled(activation=nn.ReLU6()), tmp_path / "c.onnx", x)) is not None

@@ -10,9 +10,11 @@ from onnx import TensorProto, helper, numpy_helper
 from quantize.core.runtime import make_session
 from quantize.stages.fp32_nodes import read_through_cast
 from quantize.graph.optimize import optimize
+from quantize.stages.calibrate import calibrate, save_ranges
 from quantize.stages.static_quant import quantize_model
 
 from accuracy_models import minmax_ranges, save
+from zoo_models import Pooled, exported
 
 OPSET = [helper.make_opsetid("", 13)]
 
@@ -214,3 +216,36 @@ def test_a_float_gemm_is_read_through_cast_too(tmp_path):
     exact = make_session(before.SerializeToString(), level="disable").run(None, feed)[0]
     np.testing.assert_allclose(make_session(after.SerializeToString(), level="disable").run(None, feed)[0], exact,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_float_stem_keeps_the_stem_and_its_pool_in_fp32_in_onnx_runtime_blocked_layout(tmp_path):
+    """quant.float_stem: the stem before a MaxPool runs in fp32, padded from 24 to 32 channels so ONNX Runtime keeps
+    the stem and the pool in its blocked (NCHWc) layout; 24 channels leave it for plain NCHW before the pool."""
+    x = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+    fp32 = tmp_path / "pooled.onnx"
+    exported(Pooled(), fp32, x)
+    ranges = tmp_path / "ranges.json"
+    save_ranges(calibrate(fp32, [x], method="minmax"), ranges)
+
+    def optimized(path):
+        out = tmp_path / f"{path.stem}.opt.onnx"
+        make_session(path, optimized_model_path=out)
+        return onnx.load(str(out))
+
+    # the premise: ONNX Runtime leaves its blocked layout before a pool of 24 channels
+    assert [n.op_type for n in optimized(fp32).graph.node][:3] == ["Conv", "ReorderOutput", "MaxPool"]
+    int8 = quantize_model(fp32, ranges, tmp_path / "int8.onnx", method="minmax").path
+    kept = quantize_model(fp32, ranges, tmp_path / "kept.onnx", method="minmax", float_stem=True).path
+    nodes = {n.name: n for n in onnx.load(str(kept)).graph.node}
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(kept)).graph.initializer}
+    stem = next(n for n in nodes.values() if n.op_type == "Conv" and n.input[0] == "input")  # no quantizer before it
+    assert inits[stem.input[1]].shape == (32, 3, 3, 3)  # float weights, 8 zero filters, the 3 channels read again
+    ops = optimized(kept).graph.node
+    assert [(n.op_type, n.domain) for n in ops][:2] == [("Conv", "com.microsoft.nchwc"), ("MaxPool", "com.microsoft.nchwc")]
+    assert sum(n.op_type == "QLinearConv" for n in ops) == 3  # the other three convolutions are int8
+    assert sum(n.op_type == "QLinearConv" for n in optimized(int8).graph.node) == 4
+    # the zero channels change nothing: ONNX Runtime's output is the QDQ graph's, and closer to fp32 than all-int8's
+    got = make_session(kept).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, make_session(kept, level="disable").run(None, {"input": x})[0], atol=1e-4)
+    want = make_session(fp32).run(None, {"input": x})[0]
+    assert np.abs(got - want).mean() < np.abs(make_session(int8).run(None, {"input": x})[0] - want).mean()
