@@ -179,7 +179,8 @@ class QuantConfig:
     balance_images: Optional[int] = 256  # calibration images range balancing reads (null: all)
     shared_concat_ranges: bool = False  # a Concat's inputs and output quantized on one range (shared_ranges.py)
     # the int8 model quantizes 8-bit pixels, exact at scale 1 (graph/pixel_input.py): ShuffleNetV2 x1.0 agreement
-    # +0.5 points for 5-10% of int8 speed, so off in every preset (README, "Accuracy beyond the default")
+    # +0.5 points for 5-10% of int8 speed, so off in every preset (README, "Accuracy beyond the default"); the stem
+    # then reads the pixel mapping, not the input, so float_stem leaves it in int8
     pixel_input: bool = False
     # a stem convolution followed by a MaxPool stays in fp32 with its activation and pool, padded to 16-channel
     # blocks (static_quant, graph/stem_channels.pooled_stem): the input and the stem's output are not quantized

@@ -168,7 +168,8 @@ def method_label(cfg: Config) -> str:
     parts = [name for on, name in ((q.pixel_input, "pixels"), (q.equalize, "eq"), (q.balance, "balance"),
                                    (q.shared_concat_ranges, "concat"),
                                    (q.weight_scales == "search", "wscale"), (q.weight_rounding == "gptq", "gptq"),
-                                   (q.bias_correction, "bc")) if on]
+                                   (q.bias_correction, "bc"),
+                                   (q.float_stem and not q.pixel_input, "fp32stem")) if on]
     label = "+".join(parts) or "ort"
     if q.max_drop is not None:
         label += f"+budget{q.max_drop:g}"

@@ -38,7 +38,8 @@ def test_plain_recipe_leaves_the_pipeline_unchanged(tiny):
 
 
 def test_default_recipe_runs_its_stages(tiny):
-    """No quant/calib override: MSE ranges, range balancing, shared Concat ranges, weight-scale search, GPTQ."""
+    """No quant/calib override: MSE ranges, range balancing, shared Concat ranges, weight-scale search, GPTQ, the stem
+    in fp32."""
     root, data = tiny
     cfg = compose_config(tiny_overrides(data, root / "work", plain=False))
     q = cfg.quant
@@ -48,7 +49,10 @@ def test_default_recipe_runs_its_stages(tiny):
     pipeline = Pipeline(cfg, root / "run-default")
     report = pipeline.run()
     assert set(pipeline.records) == {"export", "balance", "optimize", "calibrate", "quantize", "refine", "evaluate"}
-    assert report["methods"]["label"] == "balance+concat+wscale+gptq"
+    assert report["methods"]["label"] == "balance+concat+wscale+gptq+fp32stem"
+    int8 = onnx.load(report["onnx"]["int8_path"])
+    stem = next(n for n in int8.graph.node if n.op_type == "Conv")
+    assert stem.input[0] == "input" and stem.input[1] in {i.name for i in int8.graph.initializer}  # fp32, unquantized
     m = report["methods"]
     assert m["balance_details"]["chains"] > 0  # ShuffleNetV2's stem and branch convolutions
     assert m["shared_ranges_details"]["groups"] > 0
