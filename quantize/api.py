@@ -141,7 +141,7 @@ def quantize_model(model: str | Path | "torch.nn.Module", calibration_data: Iter
             activation_type=quant.activation_type, weight_type=quant.weight_type, per_channel=quant.per_channel,
             reduce_range=quant.reduce_range, opset=quant.opset,
             op_types=list(quant.op_types) if quant.op_types else None, nodes_to_exclude=list(quant.nodes_to_exclude),
-            float_stem=quant.float_stem, optimize_graph=False)
+            float_stem=quant.float_stem, optimize_graph=False, fp32_out=work / "quantizer_input.onnx")
         details.update(calibration_seconds=calibration.seconds, calibration_peak_rss_mb=calibration.peak_rss_mb)
         final = quantized.path
         if quant.weight_rounding != "nearest" or quant.bias_correction or quant.weight_scales != "max":
@@ -149,7 +149,7 @@ def quantize_model(model: str | Path | "torch.nn.Module", calibration_data: Iter
 
             final = work / "model.int8.refined.onnx"
             subset = _first_images(batches, quant.refine_images)
-            details["refine"] = refine(optimized, quantized.path, final, lambda: iter(subset),
+            details["refine"] = refine(quantized.fp32_path or optimized, quantized.path, final, lambda: iter(subset),
                                        weight_rounding=quant.weight_rounding,
                                        bias_correction=bool(quant.bias_correction), threads=threads,
                                        weight_scales=quant.weight_scales)

@@ -101,11 +101,8 @@ def half_quantized(pipeline: Any, int8: Path, into: Path, groups: bool = False) 
     built from the graph the quantizer read; with ``groups``, also the fp32 graph with each group of activation
     quantizers alone (``group:<name>``)."""
     from quantize.accuracy.partial_quant import activation_groups, activations_only, weights_only, with_activations
-    from quantize.stages.static_quant import with_float_layers
 
-    q = pipeline.cfg.quant
-    graph = with_float_layers(onnx.load(pipeline.get("optimize").path), list(q.nodes_to_exclude), q.float_stem)[0]
-    quantized = onnx.load(str(int8))
+    graph, quantized = onnx.load(str(pipeline.accuracy.quantizer_input())), onnx.load(str(int8))
     builds = {"weights_only": lambda: weights_only(graph, quantized),
               "activations_only": lambda: activations_only(graph, quantized)}
     if groups:

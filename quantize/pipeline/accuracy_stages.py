@@ -106,6 +106,18 @@ class AccuracyStages:
             return self.host.get("refine")
         return self.host.get("quantize")
 
+    def quantizer_input(self) -> Path:
+        """The fp32 graph the int8 model was quantized from, layer for layer: the optimize stage's, or with layers
+        kept in fp32 the quantize stage's copy of what the quantizer read (padded, initializers copied)."""
+        quantized = self.host.get("quantize")
+        return Path(quantized.fp32_path or self.host.get("optimize").path)
+
+    def reference_key(self) -> dict[str, str]:
+        """Cache-key entry of ``quantizer_input`` when it is the quantize stage's copy (empty otherwise, so keys of
+        runs without layers kept in fp32 stay as they were)."""
+        quantized = self.host.get("quantize")
+        return {"reference_of": quantized.key} if quantized.fp32_path else {}
+
     def quant_options(self, extra_excluded: list[str] | None = None) -> dict[str, Any]:
         q = self.cfg.quant
         return dict(fmt=q.format, activation_type=q.activation_type, weight_type=q.weight_type,
@@ -188,7 +200,7 @@ class AccuracyStages:
         q = self.cfg.quant
         samples, root = self._calibration_subset(q.refine_images)
         corr_samples, _ = self._calibration_subset(min(q.bias_correction_images, q.refine_images or 1 << 30))
-        inputs = {"fp32_sha256": source.sha256, "int8_sha256": quantized.sha256,
+        inputs = {"fp32_sha256": source.sha256, "int8_sha256": quantized.sha256, **self.reference_key(),
                   "weight_rounding": q.weight_rounding, "bias_correction": bool(q.bias_correction),
                   "weight_scales": q.weight_scales,
                   "images": self.host.images_key(samples, root),
@@ -197,7 +209,7 @@ class AccuracyStages:
 
         def work(stage_dir: Path) -> RefineRecord:
             path = stage_dir / "model.int8.onnx"
-            reference = Path(source.path)  # the rewritten fp32 graph the int8 model was quantized from
+            reference = self.quantizer_input()  # the rewritten fp32 graph the int8 model was quantized from
             details = refine(reference, Path(quantized.path), path,
                              lambda: self._image_batches(samples, root, "refine"), weight_rounding=q.weight_rounding,
                              bias_correction=bool(q.bias_correction), threads=self.cfg.threads,
@@ -217,7 +229,7 @@ class AccuracyStages:
         if q.max_trials < 0:
             raise ConfigError(f"quant.max_trials={q.max_trials} must be >= 0")
         samples, root = self.tune_samples()
-        inputs = {"fp32_sha256": exported.sha256, "source_sha256": source.sha256,
+        inputs = {"fp32_sha256": exported.sha256, "source_sha256": source.sha256, **self.reference_key(),
                   "ranges_sha256": calibrated.sha256, "start_sha256": start.sha256,
                   "options": self.quant_options(), "method": calibrated.method, "max_drop": q.max_drop,
                   "max_trials": q.max_trials, "images": self.host.images_key(samples, root),
@@ -229,7 +241,7 @@ class AccuracyStages:
                            self.host.batches(samples, root, q.tune_batch_size, desc="budget: tuning set"),
                            threads=self.cfg.threads)
             ranking_images = samples[: a.sensitivity_images]
-            reference = Path(source.path)
+            reference = self.quantizer_input()
             sensitivity = analyze(reference, Path(start.path),
                                   self._image_batches(ranking_images, root, None, a.sensitivity_batch_size), threads=self.cfg.threads)
             fp32_model = onnx.load(str(reference))
@@ -274,12 +286,12 @@ class AccuracyStages:
         final = self.final_int8()
         a = self.cfg.analysis
         samples, root = self._calibration_subset(a.sensitivity_images)
-        inputs = {"fp32_sha256": source.sha256, "int8_sha256": final.sha256,
+        inputs = {"fp32_sha256": source.sha256, "int8_sha256": final.sha256, **self.reference_key(),
                   "images": self.host.images_key(samples, root),
                   "preprocess": self.preprocess.key(), "version": VERSIONS["sensitivity"]}
 
         def work(stage_dir: Path) -> SensitivityRecord:
-            result = analyze(Path(source.path), Path(final.path),
+            result = analyze(self.quantizer_input(), Path(final.path),
                              self._image_batches(samples, root, "sensitivity", a.sensitivity_batch_size),
                              threads=self.cfg.threads)
             data = result.as_json()

@@ -93,6 +93,7 @@ class CalibrateRecord(StageRecord):
 @dataclass(kw_only=True)
 class QuantizeRecord(ModelRecord):
     seconds: float
+    fp32_path: str | None = variant()  # the graph the quantizer read, when layers stay in fp32 (else optimize's)
     ranges_path: str | None = variant()  # these two: with quant.shared_concat_ranges only
     shared_ranges: dict[str, Any] | None = variant()
 

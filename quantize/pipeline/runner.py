@@ -404,8 +404,9 @@ class Pipeline:
                   # only when on: quantizations cached before the option existed keep their key
                   **({"shared_concat_ranges": True} if shared else {}),
                   # excluded nodes read initializers of their own, and their input through Cast (fp32_nodes);
-                  # 6: an excluded stem before a MaxPool is padded to 16-channel blocks
-                  **({"excluded_fp32_nodes": 6} if options["nodes_to_exclude"] else {})}
+                  # 6: an excluded stem before a MaxPool is padded to 16-channel blocks; 7: the graph the quantizer
+                  # read is kept beside the int8 model (fp32_path), the reference of the later stages
+                  **({"excluded_fp32_nodes": 7} if options["nodes_to_exclude"] or options.get("float_stem") else {})}
 
         def work(stage_dir: Path) -> QuantizeRecord:
             started = time.perf_counter()
@@ -414,8 +415,10 @@ class Pipeline:
                 ranges = stage_dir / "ranges.shared.json"
                 shared_ranges = share_concat_ranges(onnx.load(exported.path), Path(calibrated.path), ranges)
             result = quantize_model(Path(exported.path), ranges, stage_dir / "model.int8.onnx",
-                                    method=calibrated.method, optimize_graph=False, **options)
+                                    method=calibrated.method, optimize_graph=False, **options,
+                                    fp32_out=stage_dir / "quantizer_input.onnx")
             return QuantizeRecord(path=str(result.path), opset=result.opset, seconds=time.perf_counter() - started,
+                                  fp32_path=str(result.fp32_path) if result.fp32_path else None,
                                   sha256=file_sha256(result.path), ranges_path=str(ranges) if shared else None,
                                   shared_ranges=shared_ranges)
 

@@ -36,6 +36,7 @@ class Quantized:
     path: Path
     opset: int
     seconds: float
+    fp32_path: Path | None = None  # the graph the quantizer read, when it differs from the one given (``fp32_out``)
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -69,16 +70,20 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
                    activation_type: str = "uint8", weight_type: str = "int8", per_channel: bool = True,
                    reduce_range: bool = False, opset: int | None = None, op_types: list[str] | None = None,
                    nodes_to_exclude: list[str] | None = None, float_stem: bool = False,
-                   optimize_graph: bool = True, extra_options: dict | None = None) -> Quantized:
+                   optimize_graph: bool = True, extra_options: dict | None = None,
+                   fp32_out: Path | None = None) -> Quantized:
     """Quantize ``fp32_path`` with the ranges of ``ranges_path`` (from ``calibrate`` with the same
     ``optimize_graph``): the graph is first rewritten by ``graph_opt.optimize`` (fp32-exact), so that ONNX Runtime
     fuses every quantized op into an integer kernel. ``float_stem``: a stem convolution followed by a MaxPool stays
-    in fp32 with its activation and pool (``stem_channels.pooled_stem``), padded to 16-channel blocks."""
+    in fp32 with its activation and pool (``stem_channels.pooled_stem``), padded to 16-channel blocks. With layers
+    kept in fp32 the quantizer reads another graph than ``fp32_path`` (``with_float_layers``: padded, initializers
+    copied): ``fp32_out`` receives it then, the fp32 reference that matches the int8 model layer for layer."""
     fmt = choice(QuantFormat, fmt, "quant.format").value
     activation_type = choice(QuantType, activation_type, "quant.activation_type").value
     weight_type = choice(QuantType, weight_type, "quant.weight_type").value
     method = choice(CalibMethod, method, "calib.method").value
     started = time.perf_counter()
+    reference = None
     model = onnx.load(str(fp32_path))
     if optimize_graph:
         model, _ = graph_opt.optimize(model)
@@ -100,6 +105,10 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
             fp32_graph, nodes_to_exclude = with_float_layers(onnx.load(str(prepared)), nodes_to_exclude or [],
                                                              float_stem)
             onnx.save(fp32_graph, str(prepared))
+            if nodes_to_exclude and fp32_out is not None:
+                with atomic_path(fp32_out) as tmp_ref:
+                    onnx.save(fp32_graph, str(tmp_ref))
+                reference = fp32_out
         with _quiet_root_logger():
             quantize_static(
                 str(prepared), str(tmp_out), calibration_data_reader=None,
@@ -116,7 +125,7 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
     log.info("quantized %s -> %s (%s, %s activations, %s%s weights, opset %d) in %.1f s", fp32_path.name,
              out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
              target_opset, seconds)
-    return Quantized(out_path, target_opset, seconds)
+    return Quantized(out_path, target_opset, seconds, reference)
 
 
 def with_float_layers(model: onnx.ModelProto, names: list[str], float_stem: bool = False

@@ -1,6 +1,7 @@
 """The accuracy stages inside the pipeline: off by default, and every report field when switched on."""
 
 import json
+from collections import Counter
 
 import onnx
 import pytest
@@ -54,6 +55,12 @@ def test_default_recipe_runs_its_stages(tiny):
     stem = next(n for n in int8.graph.node if n.op_type == "Conv")
     assert stem.input[0] == "input" and stem.input[1] in {i.name for i in int8.graph.initializer}  # fp32, unquantized
     m = report["methods"]
+    # every int8 layer is refined, the pool's padded readers too: refine reads the graph the quantizer read
+    dequantized = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+    int8_layers = Counter(n.op_type for n in int8.graph.node if n.op_type in ("Conv", "Gemm")
+                          and n.input[1] in dequantized)
+    assert m["weight_scales_details"]["layers"] == int8_layers["Conv"] + int8_layers["Gemm"]
+    assert m["weight_rounding_details"]["layers"] == int8_layers["Conv"]  # GPTQ rounds convolutions
     assert m["balance_details"]["chains"] > 0  # ShuffleNetV2's stem and branch convolutions
     assert m["shared_ranges_details"]["groups"] > 0
     assert m["weight_scales_details"]["layers"] > 0

@@ -235,7 +235,14 @@ def test_float_stem_keeps_the_stem_and_its_pool_in_fp32_in_onnx_runtime_blocked_
     # the premise: ONNX Runtime leaves its blocked layout before a pool of 24 channels
     assert [n.op_type for n in optimized(fp32).graph.node][:3] == ["Conv", "ReorderOutput", "MaxPool"]
     int8 = quantize_model(fp32, ranges, tmp_path / "int8.onnx", method="minmax").path
-    kept = quantize_model(fp32, ranges, tmp_path / "kept.onnx", method="minmax", float_stem=True).path
+    result = quantize_model(fp32, ranges, tmp_path / "kept.onnx", method="minmax", float_stem=True,
+                            fp32_out=tmp_path / "quantizer_input.onnx")
+    kept = result.path
+    # the graph the quantizer read, layer for layer the int8 model's (what refine and the analyses compare with)
+    reference = onnx.load(str(result.fp32_path))
+    shapes = {i.name: tuple(i.dims) for i in reference.graph.initializer}
+    assert [shapes[n.input[1]][:2] for n in reference.graph.node if n.op_type == "Conv"] == \
+        [(32, 3), (32, 1), (16, 32), (16, 32)]
     nodes = {n.name: n for n in onnx.load(str(kept)).graph.node}
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(kept)).graph.initializer}
     stem = next(n for n in nodes.values() if n.op_type == "Conv" and n.input[0] == "input")  # no quantizer before it
