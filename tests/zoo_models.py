@@ -128,7 +128,7 @@ class Pooled(nn.Module):
     """ShuffleNet's first layers in small: a 24-channel stem, its pool read by a depthwise convolution (then a
     pointwise one) and by a pointwise convolution."""
 
-    def __init__(self, activation: nn.Module | None = None, pool: bool = True):
+    def __init__(self, activation: nn.Module | None = None, pool: bool = True, shortcut: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.stem = conv_bn(3, 24, 3, 2)
@@ -138,8 +138,9 @@ class Pooled(nn.Module):
         self.dw = nn.Conv2d(24, 24, 3, 1, 1, groups=24)
         self.pw_dw = conv_bn(24, 16)
         self.pw = conv_bn(24, 16)
+        self.shortcut = shortcut  # the pool's output also in the Concat, as ShuffleNetV1's first unit has it
         randomize_bn(self)
 
     def forward(self, x):
         y = self.pool(self.stem(x))
-        return torch.cat((self.pw_dw(self.dw(y)), self.pw(y)), 1).mean((2, 3))
+        return torch.cat((self.pw_dw(self.dw(y)), self.pw(y), *([y] if self.shortcut else [])), 1).mean((2, 3))

@@ -25,26 +25,32 @@ The candidate islands (``ISLANDS``), found by structure in the rewritten graph:
 
 An island holding the stem convolution is built on the graph without the ``stem_channels`` rewrite, whose 4th input
 channel only helps the int8 kernel. The island's nodes get their own copies of initializers they share with
-quantized nodes, as every excluded node does (``stages.fp32_nodes``).
+quantized nodes, as every excluded node does (``stages.fp32_nodes``). The ``int8`` model here has every layer in int8
+(``quant.float_stem`` off, unlike bench-zoo's), so a ShuffleNetV2's ``stem`` island, padded through its pool as the
+pipeline pads it, is the default recipe's layout.
 
-Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 1.5-2.1 with the benchmark's own two
-threads): no island is faster than the plain int8 model at both batches for any of the six entries short of issue
-#17's goal, nor for ShuffleNetV2 x1.0, and every island that lifts batch 1 costs batch 32, so the pipeline keeps
-every layer in int8. fp32 / int8 ratios at batch 1 · 32, plain int8 first, then the two best islands:
+Measured (2026-11-30, ``benchmarks/results/zoo_islands/``, 3 runs, load 1.7-2.0 with the benchmark's own two
+threads; every block warmed up past ONNX Runtime's memory-plan allocation, ``stages.speed.MIN_WARMUP``). fp32 / int8
+ratios at batch 1 · 32, all-int8 first, then the islands:
 
-- efficientnet_lite0: 1.82 · 2.28; global_pool 1.70 · 2.35, stem 1.75 · 1.85;
-- mmcls_shufflenet_v1_x1_0_g3: 1.77 · 2.24; global_pool 1.78 · 2.24, stem (with its pool) 1.75 · 1.83;
-- megvii_shufflenet_v2_x0_5: 1.13 · 1.73; global_pool 1.11 · 1.71, stem 1.19 · 1.13;
-- ppcls_shufflenet_v2_x0_25: 1.24 · 1.72; global_pool 1.34 · 1.57, stem 1.29 · 1.02;
-- ppcls_shufflenet_v2_x0_33: 1.45 · 1.61; global_pool 1.39 · 1.64, stem 1.37 · 1.03;
-- ppcls_shufflenet_v2_swish: 1.26 · 1.64; global_pool 1.19 · 1.68, stem 1.29 · 1.38 (swish 0.94 · 1.00);
-- shufflenet_v2_x1_0 (not short, for the fp32-stem accuracy variant): 2.29 · 2.45; stem 2.17 · 1.97.
+- efficientnet_lite0: 1.80 · 2.05; stem 1.66 · 2.01, stem_block 1.73 · 2.10, global_pool 1.76 · 2.04;
+- mmcls_shufflenet_v1_x1_0_g3: 1.85 · 2.09; stem (with its pool, 24 channels) 1.86 · 1.97, global_pool 1.73 · 2.04;
+- megvii_shufflenet_v2_x0_5: 1.37 · 1.44; stem (with its pool, padded to 32) 1.47 · 1.56, stem_block 1.41 · 1.51;
+- ppcls_shufflenet_v2_x0_25: 1.36 · 1.11; stem 1.56 · 1.33, stem_block 1.53 · 1.25;
+- ppcls_shufflenet_v2_x0_33: 1.47 · 1.20; stem 1.49 · 1.39, stem_block 1.48 · 1.44;
+- ppcls_shufflenet_v2_swish: 1.44 · 1.69; stem (swish, 24 channels) 1.49 · 1.53, swish 1.00 · 0.82;
+- shufflenet_v2_x1_0: 2.43 · 2.27; stem 2.51 · 2.47, stem_block 2.37 · 2.21.
+
+A ShuffleNetV2 stem with its pool in fp32, padded to 32 channels through the pool (``stem_channels.pad_float_stem``),
+is faster than all-int8 at both batches on every ShuffleNetV2 measured: that is the default recipe's
+``quant.float_stem``. Where the stem cannot be padded (ShuffleNetV1's pool also feeds a Concat; PaddleClas's swish
+stem) it costs batch 32, so ``float_stem`` leaves it in int8; no other island is faster at both batches.
 
 What an island costs more than it saves:
 
-- the boundary: at 112x112 the fp32 convolution's output leaves the blocked layout (ReorderOutput), is quantized and
-  transposed to the int8 kernels' channels-last layout, three passes over the largest tensor of the network
-  (Lite0's ``stem``, batch 32: 20.5 ms for the fp32 stem and its boundary against 10.9 ms for the int8 stem with the
+- the boundary: at 112x112 (no pool after the stem) the fp32 convolution's output leaves the blocked layout
+  (ReorderOutput), is quantized and transposed to the int8 kernels' channels-last layout, three passes over the
+  largest tensor of the network (Lite0's ``stem``, batch 32: 20.5 ms for the fp32 stem and its boundary against 10.9 ms for the int8 stem with the
   input's quantization); at batch 32 those fp32 tensors no longer stay in cache;
 - before ``stages.fp32_nodes`` kept the pool after an fp32 stem in fp32 too, it ran as a channels-first uint8 MaxPool,
   far slower than the channels-last one of the plain int8 model (x0.25, batch 1: 1.7 against 0.1 ms), even when the
@@ -68,8 +74,8 @@ from typing import Any, Callable
 import onnx
 
 from quantize.bench.latency import package_version
-from quantize.bench.zoo import DEFAULT_CALIB_ROOT, build, calibrated, entry_and_images, interleaved_ms
-from quantize.core.artifacts import read_json, write_text
+from quantize.bench.zoo import DEFAULT_CALIB_ROOT, build, calibrated, entry_and_images, interleaved_ms, merged_entries
+from quantize.core.artifacts import write_text
 from quantize.stages.fp32_nodes import with_pools
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import cpu_name
@@ -257,21 +263,6 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _merged(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of an earlier islands.json for other entries, then ``rows``, in zoo order."""
-    path = out / "islands.json"
-    earlier = []
-    if path.is_file():
-        try:
-            old = read_json(path)
-        except (OSError, ValueError):
-            old = {}
-        if isinstance(old, dict) and old.get("schema") == SCHEMA:
-            earlier = [r for r in old.get("entries", []) if r["entry"] not in {row["entry"] for row in rows}]
-    order = {name: k for k, name in enumerate(SHORT_ENTRIES)}
-    return sorted(earlier + rows, key=lambda r: (order.get(r["entry"], len(order)), r["entry"]))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantize.bench.islands", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help=f"comma-separated entries (default: {','.join(SHORT_ENTRIES)})")
@@ -310,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                                           for tag, r in row["ratio"].items() if tag != "fp32")
                   + f" (b1/b{args.batch}; load {row['load'][0]:.1f}-{row['load'][1]:.1f})", file=sys.stderr,
                   flush=True)
-            result["entries"] = _merged(args.out, rows)
+            result["entries"] = merged_entries(args.out / "islands.json", SCHEMA, rows, list(SHORT_ENTRIES))
             write_text(args.out / "islands.json", json.dumps(result, indent=2) + "\n")
             write_text(args.out / "islands.md", "# int8 with fp32 islands vs fp32 (`make bench-islands`)\n\n"
                        + table(result) + "\n")

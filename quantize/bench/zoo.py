@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantize.core.artifacts import write_text
+from quantize.core.artifacts import read_json, write_text
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import cpu_name, input_name, make_session
 from quantize.bench.latency import package_version
@@ -170,7 +170,7 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
                        f"b{args.batch}": top(profile(models[tag], batched, args.profile_runs, args.threads, work))}
                  for tag in ("fp32", "int8")}
     row: dict[str, Any] = {
-        "entry": name, "ms": ms,
+        "entry": name, "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ms": ms,
         "ratio": {k: statistics.median(r[k] for r in ratios) for k in ratios[0]},  # median over runs
         "ratios": ratios,
         "where": where, "load": load,
@@ -180,6 +180,21 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
     if args.before:
         row["ratio_before"] = {k: ms["fp32"][k] / ms["before"][k] for k in ms["fp32"]}
     return row
+
+
+def merged_entries(path: Path, schema: str, rows: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """The rows of an earlier result at ``path`` (of ``schema``) for other entries, then ``rows``, in ``order``: a
+    run over some entries updates those and keeps the rest, so each entry can be timed in its own quiet window."""
+    earlier = []
+    if path.is_file():
+        try:
+            old = read_json(path)
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict) and old.get("schema") == schema:
+            earlier = [r for r in old.get("entries", []) if r.get("entry") not in {row["entry"] for row in rows}]
+    rank = {name: k for k, name in enumerate(order)}
+    return sorted(earlier + rows, key=lambda r: (rank.get(r["entry"], len(rank)), r["entry"]))
 
 
 def calibration_images(root: Path, count: int, preprocess: Any) -> np.ndarray:
@@ -243,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "entries": [],
         }
+        rows = []
         for name in names:
             row = measure(name, args, image_cache)
-            result["entries"].append(row)
+            rows.append(row)
+            result["entries"] = merged_entries(args.out / "zoo.json", SCHEMA, rows, zoo_names())
             print(f"{name}: int8/fp32 b1 {row['ratio']['b1']:.2f}x, b{args.batch} {row['ratio'][f'b{args.batch}']:.2f}x"
                   f" (load {row['load'][0]:.1f}-{row['load'][1]:.1f})", file=sys.stderr, flush=True)
             result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -10,6 +10,10 @@ The extra channel comes from a ``Gather`` of the network input on channels (0, 1
 quantizer places the input's QuantizeLinear after that Gather, so the copy would run on float pixels;
 ``move_input_quantization`` (applied to the int8 model) quantizes first and gathers bytes, which is the same.
 
+A stem kept in fp32 (``quant.float_stem``: ``pooled_stem``, ``fills_blocks``, ``pad_float_stem``; or named in
+``quant.nodes_to_exclude``) reads the 3 channels again (``narrow_float_stems``) and, before a MaxPool, is padded to a
+multiple of 16 channels through the pool.
+
 Exact: the added channel is multiplied by zeros. In int8 too: per-channel weight scales are unchanged by zero
 weights and the copied channel has the input's range, so the quantized model computes the same integers.
 """
@@ -20,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantize.graph.channel_padding import pad_depthwise_channels
+from quantize.graph.channel_padding import ALIGN, pad_depthwise_channels
 from quantize.graph.onnx_graph import Graph, Report, attr, fresh_name
 
 WIDTH = 4
@@ -132,8 +136,8 @@ def move_input_quantization(model: onnx.ModelProto) -> int:
 
 
 def pooled_stem(model: onnx.ModelProto) -> str | None:
-    """The stem convolution that ``quant.float_stem`` keeps in fp32: the one reading the network input (or its
-    widening Gather), when its only reader is a MaxPool, directly or through one Relu or Clip."""
+    """The stem convolution ``quant.float_stem`` may keep in fp32 (when it ``fills_blocks``): the one reading the
+    network input (or its widening Gather), when its only reader is a MaxPool, directly or through one Relu or Clip."""
     graph = model.graph
     inputs = {i.name for i in graph.input} - {i.name for i in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -151,12 +155,22 @@ def pooled_stem(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def fills_blocks(model: onnx.ModelProto, stem: str) -> bool:
+    """Whether the fp32 stem ``stem`` has, or can be padded to, a multiple of 16 output channels: an fp32 stem of 24
+    that cannot (ShuffleNetV1's pool also feeds a Concat, through its shortcut) runs slower than the int8 one at
+    batch 32."""
+    weights = {i.name: i for i in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.name == stem)
+    if conv.input[1] not in weights:
+        return False
+    return weights[conv.input[1]].dims[0] % ALIGN == 0 or pad_float_stem(model, stem)[1] > 0
+
+
 def pad_float_stem(model: onnx.ModelProto, stem: str) -> tuple[onnx.ModelProto, int]:
     """``model`` with the fp32 stem ``stem`` given zero filters up to a multiple of 16, through its MaxPool, and the
-    readers zero weights (``channel_padding``), where every reader allows it; and the channels added. An fp32 stem
-    of 24 channels costs ShuffleNetV2 x1.0 a quarter of its int8 speed at batch 32: ONNX Runtime leaves its blocked
-    layout for plain NCHW before the pool (ppcls x0.25, interleaved: 0.99x fp32 all-int8, 1.21x with the padded fp32
-    stem)."""
+    readers zero weights (``channel_padding``), where every reader allows it; and the channels added. With 24 channels
+    ONNX Runtime's fp32 kernels leave their blocked layout for plain NCHW before the pool, which at batch 32 made the
+    fp32 stem slower than the int8 one (``make bench-islands``)."""
     g, report = Graph(model), Report()
     pad_depthwise_channels(g, report, through_pools_from=frozenset([stem]))
     return g.to_model(), report.as_dict().get("zero_channels_added", 0)

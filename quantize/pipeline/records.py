@@ -94,6 +94,7 @@ class CalibrateRecord(StageRecord):
 class QuantizeRecord(ModelRecord):
     seconds: float
     fp32_path: str | None = variant()  # the graph the quantizer read, when layers stay in fp32 (else optimize's)
+    float_stem: str | None = variant()  # the stem quant.float_stem kept in fp32
     ranges_path: str | None = variant()  # these two: with quant.shared_concat_ranges only
     shared_ranges: dict[str, Any] | None = variant()
 

@@ -93,7 +93,10 @@ def accuracy_sections(cfg: Config, records: dict[str, StageRecord], ev: Evaluate
     methods: dict[str, Any] = {"equalize": bool(q.equalize), "balance": bool(q.balance),
                                "shared_concat_ranges": bool(q.shared_concat_ranges),
                                "weight_scales": q.weight_scales, "weight_rounding": q.weight_rounding,
-                               "bias_correction": bool(q.bias_correction), "label": method_label(cfg)}
+                               "bias_correction": bool(q.bias_correction), "float_stem": bool(q.float_stem),
+                               "label": method_label(cfg, float_stem=_kept_stem(records) is not None)}
+    if _kept_stem(records) is not None:
+        methods["float_stem_details"] = {"stem": _kept_stem(records)}
     if "balance" in records:
         r = records["balance"]
         methods["balance_details"] = {"chains": r.num_chains, "channels": r.channels, "num_images": r.num_images,
@@ -162,14 +165,20 @@ def sampling_error(num_images: int, agreement: float) -> dict[str, Any]:
             "drop_standard_error_max": 100.0 * differing ** 0.5 / num_images}
 
 
-def method_label(cfg: Config) -> str:
-    """A short name of the post-training methods used: ``ort``, ``eq+gptq+bc``, ..., ``+budget0.3``."""
+def _kept_stem(records: dict[str, Any]) -> str | None:
+    quantized = records.get("quantize")
+    return getattr(quantized, "float_stem", None)
+
+
+def method_label(cfg: Config, float_stem: bool = False) -> str:
+    """A short name of the post-training methods used: ``ort``, ``eq+gptq+bc``, ..., ``+budget0.3``; ``fp32stem``
+    when ``quant.float_stem`` kept a stem in fp32 (a network without a stem before a MaxPool has none to keep)."""
     q = cfg.quant
     parts = [name for on, name in ((q.pixel_input, "pixels"), (q.equalize, "eq"), (q.balance, "balance"),
                                    (q.shared_concat_ranges, "concat"),
                                    (q.weight_scales == "search", "wscale"), (q.weight_rounding == "gptq", "gptq"),
                                    (q.bias_correction, "bc"),
-                                   (q.float_stem and not q.pixel_input, "fp32stem")) if on]
+                                   (float_stem, "fp32stem")) if on]
     label = "+".join(parts) or "ort"
     if q.max_drop is not None:
         label += f"+budget{q.max_drop:g}"

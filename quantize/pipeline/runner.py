@@ -405,8 +405,9 @@ class Pipeline:
                   **({"shared_concat_ranges": True} if shared else {}),
                   # excluded nodes read initializers of their own, and their input through Cast (fp32_nodes);
                   # 6: an excluded stem before a MaxPool is padded to 16-channel blocks; 7: the graph the quantizer
-                  # read is kept beside the int8 model (fp32_path), the reference of the later stages
-                  **({"excluded_fp32_nodes": 7} if options["nodes_to_exclude"] or options.get("float_stem") else {})}
+                  # read is kept beside the int8 model (fp32_path), the reference of the later stages; 8: the stem
+                  # quant.float_stem kept is recorded
+                  **({"excluded_fp32_nodes": 8} if options["nodes_to_exclude"] or options.get("float_stem") else {})}
 
         def work(stage_dir: Path) -> QuantizeRecord:
             started = time.perf_counter()
@@ -419,6 +420,7 @@ class Pipeline:
                                     fp32_out=stage_dir / "quantizer_input.onnx")
             return QuantizeRecord(path=str(result.path), opset=result.opset, seconds=time.perf_counter() - started,
                                   fp32_path=str(result.fp32_path) if result.fp32_path else None,
+                                  float_stem=result.float_stem,
                                   sha256=file_sha256(result.path), ranges_path=str(ranges) if shared else None,
                                   shared_ranges=shared_ranges)
 

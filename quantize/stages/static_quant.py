@@ -16,7 +16,8 @@ from onnxruntime.quantization import QuantFormat as OrtQuantFormat, QuantType as
 
 from quantize.graph import optimize as graph_opt
 from quantize.graph.pixel_input import pixel_quantization
-from quantize.graph.stem_channels import move_input_quantization, narrow_float_stems, pad_float_stem, pooled_stem
+from quantize.graph.stem_channels import (fills_blocks, move_input_quantization, narrow_float_stems, pad_float_stem,
+                                          pooled_stem)
 from quantize.core.artifacts import atomic_path
 from quantize.stages.calibrate import METHODS, activation_tensors
 from quantize.stages.fp32_nodes import hold_quantization, own_initializers, read_through_cast, with_pools
@@ -37,6 +38,7 @@ class Quantized:
     opset: int
     seconds: float
     fp32_path: Path | None = None  # the graph the quantizer read, when it differs from the one given (``fp32_out``)
+    float_stem: str | None = None  # the stem ``float_stem`` kept in fp32
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -83,7 +85,7 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
     weight_type = choice(QuantType, weight_type, "quant.weight_type").value
     method = choice(CalibMethod, method, "calib.method").value
     started = time.perf_counter()
-    reference = None
+    reference = kept_stem = None
     model = onnx.load(str(fp32_path))
     if optimize_graph:
         model, _ = graph_opt.optimize(model)
@@ -102,8 +104,8 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
             ranges_path = _pin_ranges(ranges_path, tensors, bounds, Path(scratch) / "ranges.json")
             nodes_to_exclude = [*(nodes_to_exclude or []), *mapping]
         if float_stem or nodes_to_exclude:
-            fp32_graph, nodes_to_exclude = with_float_layers(onnx.load(str(prepared)), nodes_to_exclude or [],
-                                                             float_stem)
+            fp32_graph, nodes_to_exclude, kept_stem = with_float_layers(onnx.load(str(prepared)),
+                                                                        nodes_to_exclude or [], float_stem)
             onnx.save(fp32_graph, str(prepared))
             if nodes_to_exclude and fp32_out is not None:
                 with atomic_path(fp32_out) as tmp_ref:
@@ -125,21 +127,27 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
     log.info("quantized %s -> %s (%s, %s activations, %s%s weights, opset %d) in %.1f s", fp32_path.name,
              out_path.name, fmt.upper(), activation_type, weight_type, " per-channel" if per_channel else "",
              target_opset, seconds)
-    return Quantized(out_path, target_opset, seconds, reference)
+    return Quantized(out_path, target_opset, seconds, reference, kept_stem)
 
 
 def with_float_layers(model: onnx.ModelProto, names: list[str], float_stem: bool = False
-                      ) -> tuple[onnx.ModelProto, list[str]]:
+                      ) -> tuple[onnx.ModelProto, list[str], str | None]:
     """The graph ONNX Runtime's quantizer reads when the nodes ``names`` (and with ``float_stem`` the stem before a
-    MaxPool: ``stem_channels.pooled_stem``) stay in fp32, and every node kept: the MaxPools after them too, on
-    initializers of their own, a stem reading 3 channels again and, when it is kept, padded to 16-channel blocks."""
-    stem = pooled_stem(model)
+    MaxPool: ``stem_channels.pooled_stem``) stay in fp32, every node kept, and the stem ``float_stem`` added: the
+    MaxPools after them are kept too, on initializers of their own, a stem reading 3 channels again and, when it is
+    kept, padded to 16-channel blocks."""
+    stem, added_stem = pooled_stem(model), None
     names = list(names)
     if float_stem and stem is not None and stem not in names:
-        log.info("kept in fp32 (quant.float_stem): the stem %s with its pool", stem)
-        names.append(stem)
+        if fills_blocks(model, stem):
+            log.info("kept in fp32 (quant.float_stem): the stem %s with its pool", stem)
+            names.append(stem)
+            added_stem = stem
+        else:
+            log.info("quant.float_stem: the stem %s stays int8: its channels cannot be padded to a multiple of 16 "
+                     "(a reader of its pool is not a convolution), and in fp32 it would be slower", stem)
     if not names:
-        return model, []
+        return model, [], None
     extended = with_pools(model, names)
     if len(extended) > len(names):
         log.info("also kept in fp32, after layers kept in fp32: %s", examples(extended[len(names):]))
@@ -149,7 +157,7 @@ def with_float_layers(model: onnx.ModelProto, names: list[str], float_stem: bool
         model, added = pad_float_stem(model, stem)
         if added:
             log.info("the fp32 stem padded with %d zero channels", added)
-    return model, extended
+    return model, extended, added_stem
 
 
 def _pin_ranges(ranges_path: Path, tensors: list[str], bounds: tuple[float, float], out_path: Path) -> Path:

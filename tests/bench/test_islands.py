@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import SHARED_IMAGENET, needs_shared_imagenet
 from quantize.bench import islands, zoo
+from quantize.bench.zoo import merged_entries
 from quantize.stages.export import export_onnx
 
 
@@ -113,7 +114,9 @@ def test_results_are_merged_entry_by_entry(tmp_path):
     old = {"schema": islands.SCHEMA, "entries": [_row("ppcls_shufflenet_v2_swish", 1.4, 1.0),
                                                  _row("efficientnet_lite0", 2.0, 1.9)]}
     (tmp_path / "islands.json").write_text(json.dumps(old))
-    merged = islands._merged(tmp_path, [_row("efficientnet_lite0", 2.1, 2.0), _row("megvii_shufflenet_v2_x0_5", 1, 1)])
+    merged = merged_entries(tmp_path / "islands.json", islands.SCHEMA,
+                            [_row("efficientnet_lite0", 2.1, 2.0), _row("megvii_shufflenet_v2_x0_5", 1, 1)],
+                            list(islands.SHORT_ENTRIES))
     assert [r["entry"] for r in merged] == ["efficientnet_lite0", "megvii_shufflenet_v2_x0_5",
                                             "ppcls_shufflenet_v2_swish"]
     assert merged[0]["ratio"]["int8"]["b1"] == 2.1  # the new measurement replaces the old one

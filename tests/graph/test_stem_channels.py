@@ -83,6 +83,27 @@ def test_the_stem_before_a_max_pool_is_found_and_padded_exactly_through_it(tmp_p
         assert_exact(original, padded, x[:batch])
 
 
+def test_a_stem_whose_pool_feeds_a_concat_cannot_fill_the_blocks(tmp_path):
+    from quantize.graph.stem_channels import fills_blocks, pad_float_stem, pooled_stem
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    plain = exported(Pooled(), tmp_path / "a.onnx", x)
+    assert fills_blocks(plain, pooled_stem(plain))
+    shortcut = exported(Pooled(shortcut=True), tmp_path / "b.onnx", x)
+    stem = pooled_stem(shortcut)
+    assert stem is not None and pad_float_stem(shortcut, stem)[1] == 0 and not fills_blocks(shortcut, stem)
+
+    # so quant.float_stem leaves that stem in int8
+    path = tmp_path / "b.rewritten.onnx"
+    onnx.save(optimize(shortcut)[0], str(path))
+    ranges = tmp_path / "ranges.json"
+    save_ranges(calibrate(path, [x], method="minmax", optimize_graph=False), ranges)
+    int8 = quantize_model(path, ranges, tmp_path / "b.int8.onnx", method="minmax", optimize_graph=False,
+                          float_stem=True)
+    first = next(n for n in onnx.load(str(int8.path)).graph.node if n.op_type == "Conv")
+    assert int8.fp32_path is None and first.input[1].endswith("DequantizeLinear_Output")
+
+
 def test_no_pooled_stem_without_a_max_pool_or_behind_another_activation(tmp_path):
     from quantize.graph.stem_channels import pooled_stem
 

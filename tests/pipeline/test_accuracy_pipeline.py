@@ -51,6 +51,7 @@ def test_default_recipe_runs_its_stages(tiny):
     report = pipeline.run()
     assert set(pipeline.records) == {"export", "balance", "optimize", "calibrate", "quantize", "refine", "evaluate"}
     assert report["methods"]["label"] == "balance+concat+wscale+gptq+fp32stem"
+    assert report["methods"]["float_stem_details"] == {"stem": "/conv1/conv1.0/Conv"}
     int8 = onnx.load(report["onnx"]["int8_path"])
     stem = next(n for n in int8.graph.node if n.op_type == "Conv")
     assert stem.input[0] == "input" and stem.input[1] in {i.name for i in int8.graph.initializer}  # fp32, unquantized
