@@ -204,11 +204,12 @@ def _gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin:
     w = w.copy()
     h = h.copy()
     dead = np.diag(h) <= 0  # inputs that were always zero: rounded to nearest, nothing to compensate
+    live_mean = float(np.mean(np.diag(h)[~dead])) if (~dead).any() else 1.0
     h[dead, dead] = 1.0
     order = np.argsort(-np.diag(h), kind="stable")
     inverse_order = np.argsort(order)
     w, h = w[:, order], h[np.ix_(order, order)]
-    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    h[np.diag_indices_from(h)] += damp * live_mean
     u = _inverse_cholesky_upper(h)
     rows, cols = w.shape
     q = np.zeros_like(w)

@@ -48,7 +48,7 @@ from quantize.stages.static_quant import quantize_model
 log = logging.getLogger(__name__)
 
 # Bumped when a stage's algorithm changes what it writes, so cached results of an older version are not reused.
-VERSIONS = {"equalize": 1, "balance": 1, "refine": 3, "budget": 4, "sensitivity": 2, "speed": 4}
+VERSIONS = {"equalize": 1, "balance": 1, "refine": 4, "budget": 4, "sensitivity": 2, "speed": 4}
 
 
 class StageHost(Protocol):

@@ -153,3 +153,21 @@ def test_transfer_carries_refined_integers_to_another_quantization(tmp_path, qua
     assert _int_initializers(base).keys() == _int_initializers(int8).keys()
     for name, value in _int_initializers(int8).items():
         assert np.array_equal(_int_initializers(base)[name], value)
+
+
+def test_gptq_ignores_inputs_that_are_always_zero():
+    """A layer given zero-weighted inputs that never fire (the padding of ``channel_padding``, a dead channel) rounds
+    its other weights exactly as without them: the damping scales with the live inputs' statistics only."""
+    from quantize.accuracy.weight_rounding import _gptq
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 24)) * np.geomspace(0.05, 3, 24)
+    w = rng.standard_normal((16, 24))
+    scale = np.abs(w).max(axis=1) / 127
+    zero = np.zeros(16)
+    alone = _gptq(w, x.T @ x, scale, zero, -127, 127, damp=0.01)
+    padded_x = np.concatenate([x, np.zeros((500, 8))], axis=1)
+    padded = _gptq(np.concatenate([w, np.zeros((16, 8))], axis=1), padded_x.T @ padded_x, scale, zero, -127, 127,
+                   damp=0.01)
+    np.testing.assert_array_equal(padded[:, :24], alone)
+    assert not padded[:, 24:].any()
