@@ -90,13 +90,14 @@ def _input_name(onnx_path: str | None) -> str | None:
 def accuracy_sections(cfg: Config, records: dict[str, StageRecord], ev: EvaluateRecord) -> dict[str, Any]:
     """Report fields of the accuracy stages (quantize.pipeline.accuracy_stages); each is null when its stage did not run."""
     q = cfg.quant
+    kept_stem = _kept_stem(records)
     methods: dict[str, Any] = {"equalize": bool(q.equalize), "balance": bool(q.balance),
                                "shared_concat_ranges": bool(q.shared_concat_ranges),
                                "weight_scales": q.weight_scales, "weight_rounding": q.weight_rounding,
                                "bias_correction": bool(q.bias_correction), "float_stem": bool(q.float_stem),
-                               "label": method_label(cfg, float_stem=_kept_stem(records) is not None)}
-    if _kept_stem(records) is not None:
-        methods["float_stem_details"] = {"stem": _kept_stem(records)}
+                               "label": method_label(cfg, float_stem=kept_stem is not None)}
+    if kept_stem is not None:
+        methods["float_stem_details"] = {"stem": kept_stem}
     if "balance" in records:
         r = records["balance"]
         methods["balance_details"] = {"chains": r.num_chains, "channels": r.channels, "num_images": r.num_images,

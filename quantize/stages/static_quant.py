@@ -106,11 +106,12 @@ def quantize_model(fp32_path: Path, ranges_path: Path, out_path: Path, *, method
         if float_stem or nodes_to_exclude:
             fp32_graph, nodes_to_exclude, kept_stem = with_float_layers(onnx.load(str(prepared)),
                                                                         nodes_to_exclude or [], float_stem)
-            onnx.save(fp32_graph, str(prepared))
-            if nodes_to_exclude and fp32_out is not None:
-                with atomic_path(fp32_out) as tmp_ref:
-                    onnx.save(fp32_graph, str(tmp_ref))
-                reference = fp32_out
+            if nodes_to_exclude:  # else the graph is the one prepared already
+                onnx.save(fp32_graph, str(prepared))
+                if fp32_out is not None:
+                    with atomic_path(fp32_out) as tmp_ref:
+                        onnx.save(fp32_graph, str(tmp_ref))
+                    reference = fp32_out
         with _quiet_root_logger():
             quantize_static(
                 str(prepared), str(tmp_out), calibration_data_reader=None,
