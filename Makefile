@@ -77,7 +77,7 @@ BENCH_OUT  ?= $(BENCH_DIR)/$(MODEL)/bench$(if $(filter-out onnxruntime,$(RUNTIME
 bench: $(call venv_with,$(EXTRAS) $(filter openvino,$(subst $(comma),$(space),$(RUNTIME))))
 	$(if $(DATA),$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS) &&) \
 	$(PY) -m quantize.bench.latency --model $(MODEL) --batch $(BATCH) --iterations $(ITERATIONS) --threads $(THREADS) \
-		--runs $(RUNS) --runtimes $(RUNTIME) --out $(BENCH_OUT)
+		--runs $(RUNS) --runtimes $(RUNTIME) --with-rewritten-fp32 --out $(BENCH_OUT)
 
 ## bench-calib MODEL=<zoo entry> DATA=<image folder> [SIZES=250,500,1000] [RSS_CAP_GB=12]: peak RSS and time of this
 ## project's calibration (minmax, percentile) against ONNX Runtime's stock quantize_static (percentile), each run in

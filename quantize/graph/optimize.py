@@ -71,6 +71,10 @@ VERSION = 5
 
 # The rewrites added for issue #17, by name, so a benchmark can build the graph without them (``skip``).
 ZOO_REWRITES = ("grouped_conv", "avgpool_conv", "channel_order", "stem_channels", "global_pool", "channel_padding")
+# Those that add arithmetic for the int8 kernels' sake (block-diagonal weights, zero channels, a 4th input channel, a
+# pool as a convolution): an fp32 graph is left without them when the speed benchmarks compare int8 with the fp32
+# graph the other, layout-only rewrites give (``exact_fp32``).
+INT8_KERNEL_REWRITES = ("grouped_conv", "avgpool_conv", "stem_channels", "channel_padding")
 
 
 def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...] | list[str] = (),
@@ -110,3 +114,10 @@ def optimize(model: onnx.ModelProto, shuffle: bool = True, skip: tuple[str, ...]
     out = g.to_model()
     onnx.checker.check_model(out)
     return out, report
+
+
+def exact_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fp32 model with the rewrites that only remove work or change the layout (shape arithmetic folded, the
+    channel shuffle as Splits and Concats, ...): what fp32 inference gets from this module without int8. The speed
+    benchmarks time it beside the exported model, so a figure can say how much of int8's lead the rewrites give."""
+    return optimize(model, skip=INT8_KERNEL_REWRITES)[0]

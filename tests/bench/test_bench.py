@@ -185,3 +185,23 @@ def test_several_runs_keep_the_median_run_and_every_speedup():
     assert [r["b1"]["int8"] for r in chosen["runs"]] == [2.4, 2.0, 2.3]
     assert "runs" not in runs[2]  # the run itself is left as it was
     assert bench.median_run(runs[:1]) is runs[0]
+
+
+def test_int8_is_also_set_against_the_faster_of_the_two_fp32_graphs(fp32, tmp_path, monkeypatch):
+    """--with-rewritten-fp32 times the layout-only rewrite of the fp32 model too; the extra speedup divides the
+    faster fp32 time (per batch) by int8's."""
+    seconds = {1: {"fp32": 4.0, bench.REWRITTEN: 3.0, "int8": 2.0},  # rewritten fp32 faster at batch 1
+               2: {"fp32": 40.0, bench.REWRITTEN: 50.0, "int8": 20.0}}  # slower at batch 2
+
+    def fake_blocks(models, batch, iterations, **kwargs):
+        return {name: [seconds[len(batch)][name] / 1000] * 3 for name in models}
+
+    monkeypatch.setattr(bench, "time_blocks", fake_blocks)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--fp32", str(fp32), "--int8", str(fp32), "--batch", "2", "--iterations", "3",
+                       "--with-rewritten-fp32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert bench.REWRITTEN in result["models"]
+    assert result["latency"]["speedup_p50"]["int8"] == pytest.approx(2.0)
+    assert result["latency"]["speedup_vs_faster_fp32"]["int8"] == pytest.approx(1.5)
+    assert result["throughput"]["speedup_vs_faster_fp32"]["int8"] == pytest.approx(2.0)

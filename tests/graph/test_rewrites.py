@@ -5,6 +5,7 @@ import collections
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,8 @@ def test_stale_ranges_are_a_clear_error(tmp_path, exported, images):
         quantize_model(exported, ranges, tmp_path / "x.onnx", method="minmax")
 
 
-def test_torchvision_shufflenet_rewrite_is_exact(tmp_path):
+def _torchvision_shufflenet(tmp_path):
+    """torchvision's ShuffleNetV2 x0.5 (random init) as exported, and an input for it."""
     from torchvision.models import shufflenet_v2_x0_5
 
     torch.manual_seed(0)
@@ -146,13 +148,34 @@ def test_torchvision_shufflenet_rewrite_is_exact(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
     path = tmp_path / "shufflenet.onnx"
     export_onnx(model, path, x)
-    original = onnx.load(str(path))
+    return onnx.load(str(path)), x
+
+
+def test_torchvision_shufflenet_rewrite_is_exact(tmp_path):
+    original, x = _torchvision_shufflenet(tmp_path)
     optimized, report = graph_opt.optimize(original)
     assert report.as_dict()["channel_shuffle_rewritten"] == 16
     ops = {n.op_type for n in optimized.graph.node}
     assert not {"Shape", "Transpose", "Reshape", "Slice", "Identity"} & ops
     assert _only_stem_gather(optimized)
     want, got = _outputs(original, x), _outputs(optimized, x)
+    assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_the_fp32_baseline_of_the_speed_benchmarks_takes_the_layout_rewrites_only(tmp_path):
+    """``exact_fp32`` (what bench-zoo and make bench time int8 against besides the export): the shuffle as Split and
+    Concat, no shape arithmetic, and none of the widenings that only help int8 kernels; the same outputs."""
+    original, x = _torchvision_shufflenet(tmp_path)
+    baseline = graph_opt.exact_fp32(original)
+    ops = collections.Counter(n.op_type for n in baseline.graph.node)
+    assert not {"Shape", "Transpose", "Reshape", "Slice", "Gather"} & set(ops) and ops["Split"] and ops["Concat"]
+    def conv_shapes(m):
+        shapes = {i.name: numpy_helper.to_array(i).shape for i in m.graph.initializer}
+        return sorted(shapes[n.input[1]] for n in m.graph.node if n.op_type == "Conv" and n.input[1] in shapes)
+
+    assert conv_shapes(baseline) == conv_shapes(original)  # no zero channels, no 4th stem input channel
+    assert conv_shapes(graph_opt.optimize(original)[0]) != conv_shapes(original)  # which the int8 graph gets
+    want, got = _outputs(original, x), _outputs(baseline, x)
     assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
 
 
