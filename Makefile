@@ -65,7 +65,8 @@ release: install
 ## session alive at a time. RUNTIME=openvino times both models in OpenVINO, RUNTIME=onnxruntime,openvino in both, in
 ## one process, as ratios to ONNX Runtime's fp32 (installs the openvino extra when named).
 ## JSON in benchmarks/results/<model>/bench.json (bench_<runtimes>.json for other runtimes).
-## With DATA the pipeline runs first (cached stages are reused); without, the newest run in outputs/<model>/ is used.
+## With DATA the pipeline runs first (cached stages are reused); without, the newest run in outputs/<model>/ is used
+## (RUN=outputs/<model>/<time> times that run's models instead).
 ## RUNS=5: five whole measurements, the median run kept with every run's speedups (the machine drifts between runs).
 BATCH      ?= 32
 ITERATIONS ?= 50
@@ -77,7 +78,7 @@ BENCH_OUT  ?= $(BENCH_DIR)/$(MODEL)/bench$(if $(filter-out onnxruntime,$(RUNTIME
 bench: $(call venv_with,$(EXTRAS) $(filter openvino,$(subst $(comma),$(space),$(RUNTIME))))
 	$(if $(DATA),$(PY) -m quantize +model=$(MODEL) data.root=$(DATA) $(ARGS) &&) \
 	$(PY) -m quantize.bench.latency --model $(MODEL) --batch $(BATCH) --iterations $(ITERATIONS) --threads $(THREADS) \
-		--runs $(RUNS) --runtimes $(RUNTIME) --with-rewritten-fp32 --out $(BENCH_OUT)
+		--runs $(RUNS) --runtimes $(RUNTIME) --with-rewritten-fp32 $(if $(RUN),--run $(RUN)) --out $(BENCH_OUT)
 
 ## bench-calib MODEL=<zoo entry> DATA=<image folder> [SIZES=250,500,1000] [RSS_CAP_GB=12]: peak RSS and time of this
 ## project's calibration (minmax, percentile) against ONNX Runtime's stock quantize_static (percentile), each run in

@@ -166,9 +166,12 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_reports(model: str, outputs: Path = Path("outputs")) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """The readable ``report.json`` files of ``model``'s runs under ``outputs/<model>/``, newest first."""
-    for report in sorted((outputs / model).glob("*/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+def run_reports(model: str, outputs: Path = Path("outputs"), run: Path | None = None
+                ) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The readable ``report.json`` files of ``model``'s runs under ``outputs/<model>/``, newest first; with ``run``
+    (a run directory), that run's alone."""
+    found = [run / "report.json"] if run is not None else (outputs / model).glob("*/report.json")
+    for report in sorted(found, key=lambda p: p.stat().st_mtime if p.is_file() else 0, reverse=True):
         try:
             content = json.loads(report.read_text())
         except (OSError, ValueError):
@@ -177,23 +180,27 @@ def run_reports(model: str, outputs: Path = Path("outputs")) -> Iterator[tuple[P
             yield report, content
 
 
-def models_of_run(model: str, outputs: Path = Path("outputs")) -> dict[str, Path]:
-    """fp32 and int8 ONNX paths recorded in the newest report of ``model`` under ``outputs/<model>/``."""
-    for _, report in run_reports(model, outputs):
+def models_of_run(model: str, outputs: Path = Path("outputs"), run: Path | None = None) -> dict[str, Path]:
+    """fp32 and int8 ONNX paths recorded in the newest report of ``model`` under ``outputs/<model>/`` (or in the
+    report of ``run``)."""
+    for _, report in run_reports(model, outputs, run):
         try:
             fp32, int8 = Path(report["onnx"]["fp32_path"]), Path(report["onnx"]["int8_path"])
         except (KeyError, TypeError):
             continue
         if fp32.is_file() and int8.is_file():
             return {"fp32": fp32, "int8": int8}
+    if run is not None:
+        raise QuantizeError(f"--run {run}: no report.json naming both ONNX models on disk there")
     raise QuantizeError(f"no run of {model} with both ONNX models on disk under {outputs / model}/; run the pipeline "
                         f"first (make quantize MODEL={model} DATA=...) or pass --fp32 and --int8")
 
 
-def recipe_of_run(model: str, int8: Path, outputs: Path = Path("outputs")) -> dict[str, Any] | None:
+def recipe_of_run(model: str, int8: Path, outputs: Path = Path("outputs"), run: Path | None = None
+                  ) -> dict[str, Any] | None:
     """How the run that wrote ``int8`` quantized it (methods label, calibration method, quant preset block), so a
     timing names the recipe it timed."""
-    for path, report in run_reports(model, outputs):
+    for path, report in run_reports(model, outputs, run):
         if report.get("onnx", {}).get("int8_path") == str(int8):
             config = report.get("config", {})
             return {"report": str(path), "methods": report.get("methods", {}).get("label"),
@@ -208,6 +215,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", type=Path)
     parser.add_argument("--model", help="take --fp32/--int8 from the newest run of this zoo entry in --outputs")
     parser.add_argument("--outputs", type=Path, default=Path("outputs"))
+    parser.add_argument("--run", type=Path, help="with --model: that run's models (a run directory, e.g. "
+                        "outputs/<model>/<time>) rather than the newest run's")
     add_preprocess_argument(parser)
 
 
@@ -228,7 +237,7 @@ def chosen_preprocess(args: argparse.Namespace) -> Preprocess:
         return entry(args.preprocess)
     model = getattr(args, "model", None)
     if model:
-        for _, report in run_reports(model, getattr(args, "outputs", Path("outputs"))):
+        for _, report in run_reports(model, getattr(args, "outputs", Path("outputs")), getattr(args, "run", None)):
             settings = (report.get("preprocess") or {}).get("settings")
             if isinstance(settings, dict):
                 return Preprocess.from_config(settings)
@@ -242,7 +251,7 @@ def chosen_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.fp32 and args.int8:
         models = {"fp32": args.fp32, "int8": args.int8}
     elif args.model:
-        models = models_of_run(args.model, args.outputs)
+        models = models_of_run(args.model, args.outputs, args.run)
     else:
         parser.error("give --fp32 and --int8, or --model")
     for name, path in models.items():
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.model and not (args.fp32 and args.int8):
-        result["run"] = recipe_of_run(args.model, models["int8"], args.outputs)
+        result["run"] = recipe_of_run(args.model, models["int8"], args.outputs, args.run)
     return emit(result, args.model, args.out, table)
 
 

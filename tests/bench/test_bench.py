@@ -1,6 +1,7 @@
 """make bench / make bench-calib: the JSON they write and the memory cap of the stock path (tiny inputs, no timings)."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -88,6 +89,22 @@ def test_bench_finds_the_models_of_the_newest_run(fp32, tmp_path):
     (run / "report.json").write_text(json.dumps({"onnx": {"fp32_path": str(fp32), "int8_path": str(fp32)}}))
     assert bench.models_of_run("m", tmp_path / "outputs") == {"fp32": fp32, "int8": fp32}
     assert bench.main(["--model", "other", "--outputs", str(tmp_path / "outputs")]) == 1  # one line, no traceback
+
+
+def test_bench_times_the_run_it_is_given_rather_than_the_newest(fp32, tmp_path, capsys):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(fp32.read_bytes())
+    runs = tmp_path / "outputs" / "m"
+    for name, int8, label in (("older", fp32, "balance+gptq"), ("newer", other, "pixels+balance+gptq")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "report.json").write_text(json.dumps(
+            {"onnx": {"fp32_path": str(fp32), "int8_path": str(int8)}, "methods": {"label": label}}))
+    os.utime(runs / "older" / "report.json", (1_000_000, 1_000_000))
+    assert bench.models_of_run("m", tmp_path / "outputs")["int8"] == other  # the newest by default
+    assert bench.models_of_run("m", tmp_path / "outputs", runs / "older")["int8"] == fp32
+    assert bench.recipe_of_run("m", fp32, tmp_path / "outputs", runs / "older")["methods"] == "balance+gptq"
+    assert bench.main(["--model", "m", "--outputs", str(tmp_path / "outputs"), "--run", str(tmp_path)]) == 1
+    assert "--run" in capsys.readouterr().err
 
 
 def test_bench_calib_reports_both_paths_and_a_summary(fp32, tmp_path):
