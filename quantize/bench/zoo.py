@@ -42,7 +42,7 @@ import onnx
 from quantize.core.artifacts import read_json, write_text
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import cpu_name, input_name, make_session
-from quantize.bench.latency import package_version
+from quantize.bench.latency import REWRITTEN, package_version
 from quantize.graph.optimize import VERSION as GRAPH_VERSION, ZOO_REWRITES, exact_fp32, optimize
 from quantize.stages.speed import time_blocks
 
@@ -164,14 +164,14 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
         int8, rewrites = quantized(fp32, images, work)
         rewritten = work / "fp32.rewritten.onnx"
         onnx.save(exact_fp32(onnx.load(str(fp32))), str(rewritten))
-        models = {"fp32": fp32, "fp32_rewritten": rewritten, "int8": int8}
+        models = {"fp32": fp32, REWRITTEN: rewritten, "int8": int8}
         if args.before:
             models["before"], _ = quantized(fp32, images, work, skip=ZOO_REWRITES)
         build_seconds = time.perf_counter() - started
         per_run, single, batched, load = interleaved_ms(models, args)
         ms = {tag: {k: statistics.median(run[tag][k] for run in per_run) for k in per_run[0][tag]} for tag in models}
         ratios = [{k: run["fp32"][k] / run["int8"][k] for k in run["fp32"]} for run in per_run]
-        best = [{k: min(run["fp32"][k], run["fp32_rewritten"][k]) / run["int8"][k] for k in run["fp32"]}
+        best = [{k: min(run["fp32"][k], run[REWRITTEN][k]) / run["int8"][k] for k in run["fp32"]}
                 for run in per_run]
         where = {tag: {"b1": top(profile(models[tag], single, args.profile_runs * 5, args.threads, work)),
                        f"b{args.batch}": top(profile(models[tag], batched, args.profile_runs, args.threads, work))}
@@ -231,7 +231,7 @@ def table(result: dict[str, Any]) -> str:
         ms, ratio = row["ms"], row["ratio"]
         where = {tag: ", ".join(f"{op} {share:.0f}%" for op, _, share in row["where"][tag][batch][:3])
                  for tag in ("int8", "fp32")}
-        rewritten, best = ms.get("fp32_rewritten"), row.get("ratio_best_fp32")
+        rewritten, best = ms.get(REWRITTEN), row.get("ratio_best_fp32")
         cells = [row["entry"], f"{ms['fp32']['b1']:.2f}", f"{rewritten['b1']:.2f}" if rewritten else "—",
                  f"{ms['int8']['b1']:.2f}", f"{ms['fp32'][batch]:.1f}",
                  f"{rewritten[batch]:.1f}" if rewritten else "—", f"{ms['int8'][batch]:.1f}", f"{ratio['b1']:.2f}",
