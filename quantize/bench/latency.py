@@ -46,6 +46,15 @@ SCHEMA = "quantize-bench/1"
 REWRITTEN = "fp32_rewritten"  # the fp32 model after the layout-only rewrites (graph.optimize.exact_fp32)
 
 
+def write_rewritten_fp32(fp32: Path, out: Path) -> Path:
+    """``fp32`` after ``graph.optimize.exact_fp32``, written to ``out``: the second fp32 baseline of the timings."""
+    import onnx
+
+    from quantize.graph.optimize import exact_fp32
+    onnx.save(exact_fp32(onnx.load(str(fp32))), str(out))
+    return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -300,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         in_runtimes(models, runtimes)  # refuse a runtime that is missing before anything is timed
         with tempfile.TemporaryDirectory(prefix="bench.") as scratch:
             if args.with_rewritten_fp32:
-                import onnx
-
-                from quantize.graph.optimize import exact_fp32
-                rewritten = Path(scratch) / "fp32.rewritten.onnx"
-                onnx.save(exact_fp32(onnx.load(str(models["fp32"]))), str(rewritten))
-                models[REWRITTEN] = rewritten
+                models[REWRITTEN] = write_rewritten_fp32(models["fp32"], Path(scratch) / "fp32.rewritten.onnx")
             timed, runtime_of = in_runtimes(models, runtimes)
             if args.runs < 1:
                 raise QuantizeError(f"--runs {args.runs}: at least 1")

@@ -11,11 +11,11 @@ stem before a MaxPool in fp32), all with the current graph rewrites. ``--before`
 
 Timing is ``stages.speed.time_blocks``: fp32 and int8 (and the before model) in alternating blocks, one session
 alive at a time, ``--threads`` intra-op threads, median ms at batch 1 and at ``--batch``; ratio = fp32 / int8
-(>1: int8 faster). The exported fp32 model carries the exporter's shape arithmetic and ShuffleNet's channel shuffle
-as Reshape/Transpose; the rewrites that only remove that work (``graph.optimize.exact_fp32``) speed fp32 up too, so
-the rewritten fp32 graph is timed in the same alternation and ``ratio_best_fp32`` is int8 against the faster of
-the two fp32 graphs: how much of the lead is int8's own; ``--runs N`` repeats the whole timing and keeps the median ratio (every run's ratios are in
-the JSON: this machine's speed drifts by 10-30% between runs). The 1-minute load average is recorded before and after each entry's timing: on a shared 2-core
+(>1: int8 faster); ``--runs N`` repeats the whole timing and keeps the median ratio (every run's ratios are in
+the JSON: this machine's speed drifts by 10-30% between runs). The exported fp32 model carries the exporter's shape
+arithmetic and ShuffleNet's channel shuffle as Reshape/Transpose; the rewrites that only remove that work
+(``graph.optimize.exact_fp32``) speed fp32 up too, so the rewritten fp32 graph is timed in the same alternation and
+``ratio_best_fp32`` is int8 against the faster of the two fp32 graphs: how much of the lead is int8's own. The 1-minute load average is recorded before and after each entry's timing: on a shared 2-core
 machine ratios measured under load (above ~2) are lower than in a quiet hour, batch 1 most of all. Then ONNX
 Runtime's profiler gives each model's kernel time per operator type (``--profile-runs`` runs at each batch), the
 "where the time goes" columns.
@@ -42,8 +42,8 @@ import onnx
 from quantize.core.artifacts import read_json, write_text
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import cpu_name, input_name, make_session
-from quantize.bench.latency import REWRITTEN, package_version
-from quantize.graph.optimize import VERSION as GRAPH_VERSION, ZOO_REWRITES, exact_fp32, optimize
+from quantize.bench.latency import REWRITTEN, package_version, write_rewritten_fp32
+from quantize.graph.optimize import VERSION as GRAPH_VERSION, ZOO_REWRITES, optimize
 from quantize.stages.speed import time_blocks
 
 SCHEMA = "quantize-bench-zoo/1"
@@ -162,9 +162,7 @@ def measure(name: str, args: argparse.Namespace, image_cache: dict) -> dict[str,
         started = time.perf_counter()
         fp32 = build(entry, work, images[:2])
         int8, rewrites = quantized(fp32, images, work)
-        rewritten = work / "fp32.rewritten.onnx"
-        onnx.save(exact_fp32(onnx.load(str(fp32))), str(rewritten))
-        models = {"fp32": fp32, REWRITTEN: rewritten, "int8": int8}
+        models = {"fp32": fp32, REWRITTEN: write_rewritten_fp32(fp32, work / "fp32.rewritten.onnx"), "int8": int8}
         if args.before:
             models["before"], _ = quantized(fp32, images, work, skip=ZOO_REWRITES)
         build_seconds = time.perf_counter() - started
