@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .PHONY: install quantize test test-all clean calib-set zoo-table release bench bench-calib bench-eval bench-accuracy \
-	bench-runtimes bench-zoo bench-islands bench-ablations bench-cost readme-figures
+	bench-runtimes bench-zoo bench-islands bench-ablations bench-stability bench-cost readme-figures
 
 # Optional extras installed beside dev, comma-separated: EXTRAS=openvino (OpenVINO for eval.runtime and make bench).
 EXTRAS ?=
@@ -113,6 +113,13 @@ bench-accuracy: install
 	$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
 		--threads $(THREADS) $(if $(DECOMPOSE),--decompose $(DECOMPOSE)) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json \
 		$(ARGS)
+
+## bench-stability MODEL=<zoo entry> DATA=<image folder> [VIEWS=12] [ARGS=...]: how often the fp32 model's own top-1
+## changes under invisible input changes (pixel noise of 0.25-1 level, a one-pixel shift) on bench-accuracy's views,
+## the floor its int8 agreement reads against; JSON and table in benchmarks/results/<model>/stability.json
+bench-stability: install
+	$(PY) -m quantize.bench.stability --model $(MODEL) --root $(DATA) --views $(VIEWS) --threads $(THREADS) \
+		--out $(BENCH_DIR)/$(MODEL)/stability.json $(ARGS)
 
 ## bench-ablations MODEL=<zoo entry> DATA=<image folder> [VARIANTS='plain no-balance ...'] [ARGS=...]: bench-accuracy
 ## once per variant of the default recipe (quantize/bench/accuracy.py VARIANTS: each part off in turn, the plain and

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from PIL import Image, ImageOps
 
-from quantize.bench.latency import emit
+from quantize.bench.latency import measure_and_emit
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import input_name, make_session
 from quantize.data.preprocess import Preprocess, crop_uint8, load_rgb, normalize_batch
@@ -282,13 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             args.out = Path("benchmarks/results") / args.model / f"accuracy-{args.variant}.json"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = run(args.model, args.root, args.overrides, args.folds, args.views, args.work_dir, args.threads,
-                     args.decompose)
-    except QuantizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return emit(result, None, args.out, as_table, markdown=True)
+    return measure_and_emit(lambda: run(args.model, args.root, args.overrides, args.folds, args.views, args.work_dir,
+                                        args.threads, args.decompose), args.out, as_table)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantize.bench.latency import emit
+from quantize.bench.latency import measure_and_emit
 from quantize.core.errors import QuantizeError
 from quantize.core.memory import watch_child
 
@@ -116,14 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*", help="config overrides for both recipes, e.g. model.checkpoint=...")
     args = parser.parse_args(argv)
-    try:
+
+    def measure() -> dict[str, Any]:
         if not args.root.is_dir():
             raise QuantizeError(f"--root {args.root} is not a folder")
-        result = run(args.model, args.root, args.images, args.threads, args.overrides)
-    except QuantizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return emit(result, None, args.out, as_table, markdown=True)
+        return run(args.model, args.root, args.images, args.threads, args.overrides)
+
+    return measure_and_emit(measure, args.out, as_table)
 
 
 if __name__ == "__main__":

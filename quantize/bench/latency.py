@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -281,6 +281,16 @@ def emit(result: dict[str, Any], model: str | None, out: Path | None, as_table, 
             write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return 0
+
+
+def measure_and_emit(measure: Callable[[], dict[str, Any]], out: Path | None, as_table) -> int:
+    """Run ``measure`` and ``emit`` its result with its Markdown table; a ``QuantizeError`` is one line and exit 1."""
+    try:
+        result = measure()
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return emit(result, None, out, as_table, markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,6 +172,32 @@ def decomposition(results: Path) -> str:
     return "\n".join([head, *rows, "", note, *groups, "", _artifacts(used, results)]) + "\n"
 
 
+def stability(results: Path) -> str:
+    """The default int8 model's agreement beside the fp32 model's agreement with itself under input changes nobody
+    would see (``make bench-stability``, on the same views as ``make bench-accuracy``)."""
+    rows, used, changes = [], [], []
+    for model, title in NETWORKS.items():
+        path, accuracy_path = results / model / "stability.json", results / model / "accuracy.json"
+        data, accuracy = _load(path), _load(accuracy_path)
+        if not data:
+            continue
+        used += [accuracy_path, path] if accuracy else [path]
+        changes = changes or list(data["perturbations"])
+        if list(data["perturbations"]) != changes:
+            raise ValueError(f"{path}: perturbations {list(data['perturbations'])}, another network's {changes}")
+        int8 = _pm(accuracy["all"]["agreement"], accuracy["all"]["agreement_se"], unit="%") if accuracy else "—"
+        cells = [_pm(m["agreement"], m["agreement_se"], unit="%") for m in data["perturbations"].values()]
+        rows.append(f"| {title} | {int8} | {' | '.join(cells)} | {_load_range(data.get('load_average'))} |")
+    head = ("| network | int8 (default recipe) against fp32 | "
+            + " | ".join(f"fp32 with {c} against fp32" for c in changes) + " | load |\n|---|---|"
+            + "---|" * len(changes) + "---|")
+    note = ("Top-1 agreement on the same views of the same photos (the int8 figure is the default cross-validation's, "
+            "each photo held out from calibration); pixel noise of standard deviation 0.25, 0.5 or 1 pixel level is "
+            "added to the 8-bit crop and rounded back; the shift moves the crop's content one pixel right "
+            "(`quantize/bench/stability.py`).")
+    return "\n".join([head, *rows, "", note, "", _artifacts(used, results)]) + "\n"
+
+
 def calibration(results: Path) -> str:
     """Seconds and peak RSS of this project's calibration against the stock path (``make bench-calib``)."""
     rows, used = [], []
@@ -277,8 +303,8 @@ def runtimes_speed(results: Path) -> str:
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
-    "networks": networks, "ablations": ablations, "decomposition": decomposition, "calibration": calibration, "evaluation": evaluation, "zoo": zoo,
-    "cost": cost, "runtimes_accuracy": runtimes_accuracy, "runtimes_speed": runtimes_speed}
+    "networks": networks, "ablations": ablations, "decomposition": decomposition, "stability": stability,
+    "calibration": calibration, "evaluation": evaluation, "zoo": zoo, "cost": cost, "runtimes_accuracy": runtimes_accuracy, "runtimes_speed": runtimes_speed}
 
 
 def refresh(text: str, results: Path) -> tuple[str, list[str]]:
