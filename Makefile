@@ -99,12 +99,13 @@ bench-eval: install
 	$(PY) -m quantize.bench.evaluation --model $(MODEL) --root $(DATA) --repeat $(REPEAT) --batch $(BATCH) \
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_eval.json
 
-## bench-accuracy MODEL=<zoo entry> DATA=<image folder> [FOLDS=2] [VIEWS=12] [DECOMPOSE=halves|groups] [ARGS=...]:
-## int8 fidelity cross-validated (calibrate on the other folds, measure on the held-out one): fp32/int8 top-1 and drop
-## on the photos, agreement on VIEWS views of each (mirror, crops), standard errors beside each; DECOMPOSE=halves also
-## measures the int8 model with only its weights and with only its activations quantized, DECOMPOSE=groups also each
-## group of activation quantizers alone (one more evaluation per group); JSON and table in
-## benchmarks/results/<model>/accuracy[-<TAG>].json
+## bench-accuracy MODEL=<zoo entry> DATA=<image folder> [FOLDS=2] [VIEWS=12] [DECOMPOSE=halves|groups|quantizers]
+## [ARGS=...]: int8 fidelity cross-validated (calibrate on the other folds, measure on the held-out one): fp32/int8
+## top-1 and drop on the photos, agreement on VIEWS views of each (mirror, crops), standard errors beside each;
+## DECOMPOSE=halves also measures the int8 model with only its weights and with only its activations quantized,
+## groups also each group of activation quantizers alone (one more evaluation per group), quantizers also the
+## activations-only model with each quantizer left out in turn (one per quantizer: ~75 on ShuffleNetV2, half an
+## hour); JSON and table in benchmarks/results/<model>/accuracy[-<TAG>].json
 FOLDS     ?= 2
 VIEWS     ?= 12
 TAG       ?=

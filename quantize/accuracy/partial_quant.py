@@ -16,7 +16,9 @@ One step further, ``activation_groups`` sorts the int8 model's activation quanti
 then the first component of the tensor's name: a stem, a stage, the Concats of the channel-shuffle rewrite, the
 head), and ``with_activations`` builds the fp32 graph with only the quantizers of chosen tensors, each a
 QuantizeLinear/DequantizeLinear pair with the int8 model's scale and zero point after the tensor: what one group of
-activation quantizers costs on its own. Its layers read the quantizers through Cast too.
+activation quantizers costs on its own. Its layers read the quantizers through Cast too. The other way round,
+``left_out_one_at_a_time`` lists, for each quantizer, all the others: what leaving that one out of the activations-only
+model gains.
 
 None of them is meant to run fast: ONNX Runtime runs their layers in fp32 kernels.
 """
@@ -193,3 +195,20 @@ def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: lis
             model.graph.node.insert(after + offset, step)
     read_through_cast(model, list(_layers(model)))  # or ONNX Runtime quantizes the layers between the quantizers
     return model
+
+
+def left_out_one_at_a_time(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, list[str]]:
+    """Each activation quantizer of the int8 model -> the tensors of all the others, in graph order. The parts a Split
+    cuts a quantized tensor into go with it: they are quantized on its range (``quant.shared_concat_ranges``), so
+    left in they would round the tensor again."""
+    tensors = [t for group in activation_groups(graph, int8).values() for t in group]
+    quantized = set(tensors)
+    whole_of = {part: n.input[0] for n in graph.graph.node if n.op_type == "Split" for part in n.output}
+
+    def whole(tensor: str) -> str:
+        while whole_of.get(tensor) in quantized:
+            tensor = whole_of[tensor]
+        return tensor
+
+    wholes = {t: whole(t) for t in tensors}
+    return {w: [t for t in tensors if wholes[t] != w] for w in dict.fromkeys(wholes.values())}

@@ -96,18 +96,26 @@ def held_out_predictions(models: dict[str, Path], samples: list[Sample], p: Prep
     return {name: top1_of(path, batches, threads).reshape(len(samples), views) for name, path in models.items()}
 
 
-def half_quantized(pipeline: Any, int8: Path, into: Path, groups: bool = False) -> dict[str, Path]:
+DECOMPOSITIONS = ("halves", "groups", "quantizers")  # each adds to the one before it
+
+
+def half_quantized(pipeline: Any, int8: Path, into: Path, decompose: str = "halves") -> dict[str, Path]:
     """The int8 model with only its weights, and with only its activations, quantized (``accuracy.partial_quant``),
-    built from the graph the quantizer read; with ``groups``, also the fp32 graph with each group of activation
-    quantizers alone (``group:<name>``)."""
-    from quantize.accuracy.partial_quant import activation_groups, activations_only, weights_only, with_activations
+    built from the graph the quantizer read; from ``groups`` on, also the fp32 graph with each group of activation
+    quantizers alone (``group:<name>``); with ``quantizers``, also the activations-only model with each quantizer left
+    out in turn (``without:<tensor>``, ``partial_quant.left_out_one_at_a_time``)."""
+    from quantize.accuracy.partial_quant import (activation_groups, activations_only, left_out_one_at_a_time,
+                                                 weights_only, with_activations)
 
     graph, quantized = onnx.load(str(pipeline.accuracy.quantizer_input())), onnx.load(str(int8))
     builds = {"weights_only": lambda: weights_only(graph, quantized),
               "activations_only": lambda: activations_only(graph, quantized)}
-    if groups:
+    if DECOMPOSITIONS.index(decompose) >= 1:
         for group, tensors in activation_groups(graph, quantized).items():
             builds[f"group:{group}"] = lambda tensors=tensors: with_activations(graph, quantized, tensors)
+    if DECOMPOSITIONS.index(decompose) >= 2:
+        for tensor, others in left_out_one_at_a_time(graph, quantized).items():
+            builds[f"without:{tensor}"] = lambda others=others: with_activations(graph, quantized, others)
     paths = {}
     for k, (name, build) in enumerate(builds.items()):
         paths[name] = into / f"half{k}.onnx"
@@ -152,9 +160,8 @@ def copy_tree(samples: list[Sample], root: Path, into: Path) -> Path:
 
 def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int = 12, work_dir: Path | None = None,
         threads: int = 0, decompose: str | None = None) -> dict[str, Any]:
-    """The cross-validated figures; with ``decompose`` (``halves`` or ``groups``) also the agreement of the int8
-    model with only its weights, and with only its activations, quantized, and with ``groups`` of each group of
-    activation quantizers alone (``half_quantized``), on the same views."""
+    """The cross-validated figures; with ``decompose`` (one of ``DECOMPOSITIONS``) also the agreement of the
+    decomposing models ``half_quantized`` builds, on the same views."""
     from quantize.jobs.release import compose_model
     from quantize.pipeline.runner import Pipeline
 
@@ -178,7 +185,7 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
             if decompose:
                 halves = Path(scratch) / f"halves{k}"
                 halves.mkdir()
-                models.update(half_quantized(pipeline, int8, halves, groups=decompose == "groups"))
+                models.update(half_quantized(pipeline, int8, halves, decompose))
             pred = held_out_predictions(models, held_out, pipeline.preprocess, views, threads)
             fold_labels = np.array([s.label for s in held_out])
             results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})
@@ -201,11 +208,12 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
                     "agreeing_views": per_photo[name]}
 
         result["half_quantized"] = {name: measured(name) for name in ("weights_only", "activations_only")}
-        groups = [name for name in preds[0] if name.startswith("group:")]
-        if any(set(groups) != {n for n in p if n.startswith("group:")} for p in preds):
-            raise QuantizeError("the folds' int8 models hold different groups of activation quantizers")
-        if groups:
-            result["activation_groups"] = {name.split(":", 1)[1]: measured(name) for name in groups}
+        for prefix, key in (("group:", "activation_groups"), ("without:", "left_out_quantizers")):
+            names = [name for name in preds[0] if name.startswith(prefix)]
+            if any(set(names) != {n for n in p if n.startswith(prefix)} for p in preds):
+                raise QuantizeError(f"the folds' int8 models hold different activation quantizers ({key})")
+            if names:
+                result[key] = {name.split(":", 1)[1]: measured(name) for name in names}
     return {**result, "seconds": time.perf_counter() - started,
             "load_average": list(os.getloadavg()), "cores": os.cpu_count()}
 
@@ -242,6 +250,10 @@ def as_table(result: dict[str, Any]) -> str:
     for name, group in result.get("activation_groups", {}).items():
         lines.append(f"\nOnly the activation quantizers of {name}: agreement {group['agreement']:.2f}"
                      f"{se(group['agreement_se'])} (views)")
+    left_out = result.get("left_out_quantizers", {})
+    for name, m in sorted(left_out.items(), key=lambda item: -item[1]["agreement"]):
+        lines.append(f"\nThe activations-only model without the quantizer of {name}: agreement {m['agreement']:.2f}"
+                     f"{se(m['agreement_se'])} (views)")
     return "\n".join(lines)
 
 
@@ -270,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON result (a .md table is written beside it)")
-    parser.add_argument("--decompose", choices=("halves", "groups"), help="also measure the int8 model with only its "
-                        "weights, and with only its activations, quantized (halves), and each group of activation "
-                        "quantizers alone (groups): where the disagreement comes from")
+    parser.add_argument("--decompose", choices=DECOMPOSITIONS, help="also measure the int8 model with only its "
+                        "weights, and with only its activations, quantized (halves), each group of activation "
+                        "quantizers alone (groups, with the halves), and the activations-only model with each "
+                        "quantizer left out in turn (quantizers, with the groups): where the disagreement comes from")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="add that variant's overrides (see VARIANTS); "
                         "the default --out becomes accuracy-VARIANT.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. quant=u8s8_plain")

@@ -169,7 +169,38 @@ def decomposition(results: Path) -> str:
                   "rewrite, `output` for the logits):", "",
                   "| network | activation quantizers | agreement with fp32 (views), only these quantized |",
                   "|---|---|---|", *group_rows]
-    return "\n".join([head, *rows, "", note, *groups, "", _artifacts(used, results)]) + "\n"
+    return "\n".join([head, *rows, "", note, *groups, *_left_out(results), "", _artifacts(used, results)]) + "\n"
+
+
+SHOWN_LEFT_OUT = 5  # the quantizers whose removal raised the activations-only model's agreement most
+
+
+def _left_out(results: Path) -> list[str]:
+    """Lines on the activations-only model with each activation quantizer left out in turn (``DECOMPOSE=quantizers``),
+    each paired against that model: the ones whose removal helped most, and how many there were."""
+    rows, counts = [], []
+    for model, title in NETWORKS.items():
+        data = _load(results / model / "accuracy.json") or {}
+        left_out = data.get("left_out_quantizers")
+        if not left_out:
+            continue
+        views = data["views_per_photo"]
+        baseline = {"agreeing_views": data["half_quantized"]["activations_only"]["agreeing_views"],
+                    "views_per_photo": views}
+        paired = {name: paired_agreement({"agreeing_views": m["agreeing_views"], "views_per_photo": views}, baseline)
+                  for name, m in left_out.items()}
+        ranked = sorted(left_out, key=lambda name: -(paired[name] or (0.0, 0.0))[0])
+        counts.append(f"{title}: {len(left_out)} quantizers")
+        for name in ranked[:SHOWN_LEFT_OUT]:
+            m = left_out[name]
+            rows.append(f"| {title} | `{name}` | {_pm(m['agreement'], m['agreement_se'], unit='%')} | "
+                        f"{_pm(*paired[name]) if paired[name] else '—'} |")
+    if not rows:
+        return []
+    return ["", f"The activations-only model with each activation quantizer left out in turn (a Split's parts go with "
+            f"the tensor they cut; {', '.join(counts)}), the {SHOWN_LEFT_OUT} whose removal raised its agreement most:",
+            "", "| network | quantizer left out | agreement with fp32 (views) | minus the activations-only model's, "
+            "paired (points) |", "|---|---|---|---|", *rows]
 
 
 def stability(results: Path) -> str:

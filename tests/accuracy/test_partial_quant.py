@@ -106,3 +106,30 @@ def test_groups_of_activation_quantizers_rebuild_the_activations_only_model(pair
         assert np.abs(alone - fp32_out).mean() <= np.abs(every_out - fp32_out).mean() * 1.5
     assert np.abs(run(with_activations(graph, int8, ["x"]), x) - fp32_out).max() > 0
     assert np.array_equal(run(with_activations(graph, int8, []), x), fp32_out)
+
+
+def test_leaving_one_quantizer_out_takes_the_parts_a_split_cuts_with_it():
+    from onnx import TensorProto, helper
+
+    from quantize.accuracy.partial_quant import left_out_one_at_a_time
+
+    graph = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+         helper.make_node("Split", ["a"], ["a0", "a1"], name="split", axis=1),
+         helper.make_node("Concat", ["a1", "a0"], ["out"], name="concat", axis=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])]))
+    scale, zero = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")
+    quantizers = [helper.make_node("QuantizeLinear", [t, "s", "z"], [f"{t}_q"], name=f"{t}_q")
+                  for t in ("x", "a", "a0", "a1", "out_QuantizeLinear_Input")]
+    int8 = helper.make_model(helper.make_graph(quantizers, "q", [], [], [scale, zero]))
+    assert left_out_one_at_a_time(graph, int8) == {"x": ["a", "a0", "a1", "out"], "a": ["x", "out"],
+                                                   "out": ["x", "a", "a0", "a1"]}
+
+
+def test_without_a_split_every_quantizer_is_left_out_alone(pair):
+    from quantize.accuracy.partial_quant import activation_groups, left_out_one_at_a_time
+
+    graph, int8, _ = pair
+    every = [t for tensors in activation_groups(graph, int8).values() for t in tensors]
+    assert left_out_one_at_a_time(graph, int8) == {t: [o for o in every if o != t] for t in every}

@@ -1,8 +1,10 @@
 """make bench-accuracy: cross-validated fidelity with held-out views and standard errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+import onnx
 from omegaconf import OmegaConf
 import pytest
 from PIL import Image
@@ -107,3 +109,39 @@ def test_every_variant_is_a_valid_config():
             if "." in key:
                 chosen = OmegaConf.select(cfg, key)
                 assert str(getattr(chosen, "value", chosen)).lower() == value, (name, override)
+
+
+def test_quantizers_decomposition_builds_one_model_per_quantizer_left_out(tmp_path):
+    from types import SimpleNamespace
+
+    from quantize.accuracy.partial_quant import activation_groups
+    from quantize.bench.accuracy import DECOMPOSITIONS, half_quantized
+    from quantize.core.runtime import make_session
+    from quantize.graph.optimize import optimize
+    from quantize.stages.static_quant import quantize_model
+
+    from accuracy_models import conv_net, images, minmax_ranges, save
+
+    model = conv_net(seed=5)
+    fp32 = save(model, tmp_path / "fp32.onnx")
+    data = images(16)
+    int8 = quantize_model(fp32, minmax_ranges(model, data, tmp_path / "ranges.json"), tmp_path / "int8.onnx",
+                          method="minmax").path
+    graph = save(optimize(model)[0], tmp_path / "graph.onnx")
+    pipeline = SimpleNamespace(accuracy=SimpleNamespace(quantizer_input=lambda: graph))
+    built = {}
+    for mode in DECOMPOSITIONS:
+        into = tmp_path / mode
+        into.mkdir()
+        built[mode] = half_quantized(pipeline, Path(int8), into, mode)
+    groups = activation_groups(onnx.load(str(graph)), onnx.load(str(int8)))
+    tensors = [t for g in groups.values() for t in g]  # no Split in this network: each quantizer is left out alone
+    assert set(built["halves"]) == {"weights_only", "activations_only"}
+    assert set(built["groups"]) - set(built["halves"]) == {f"group:{g}" for g in groups}
+    assert set(built["quantizers"]) - set(built["groups"]) == {f"without:{t}" for t in tensors}
+    x = np.concatenate(data)
+    outputs = {name: make_session(path).run(None, {"x": x})[0] for name, path in built["quantizers"].items()}
+    fp32_out = make_session(fp32).run(None, {"x": x})[0]
+    error = {name: np.abs(out - fp32_out).mean() for name, out in outputs.items()}
+    assert all(error[f"without:{t}"] <= error["activations_only"] * 1.5 for t in tensors)
+    assert any(error[f"without:{t}"] < error["activations_only"] for t in tensors)

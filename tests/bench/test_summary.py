@@ -53,3 +53,23 @@ def test_a_broken_artifact_is_one_line(tmp_path, capsys):
     assert summary.main(["--results", str(results), "--readme", str(ROOT / "README.md"), "--check"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "JSONDecodeError" in err
+
+
+def test_left_out_quantizers_are_ranked_by_their_paired_gain(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    accuracy = results / "shufflenet_v2_x1_0" / "accuracy.json"
+    data = json.loads(accuracy.read_text())
+    base = data["half_quantized"]["activations_only"]["agreeing_views"]
+    photos = sorted(base)
+
+    def shifted(by: int) -> dict:  # the activations-only counts, `by` more agreeing views on the first photos
+        views = {p: min(data["views_per_photo"], base[p] + (by if k < 20 else 0)) for k, p in enumerate(photos)}
+        return {"agreement": 50.0 + by, "agreement_se": 0.5, "agreeing_views": views}
+
+    data["left_out_quantizers"] = {"small": shifted(1), "none": shifted(0), "large": shifted(3)}
+    accuracy.write_text(json.dumps(data))
+    body = summary.decomposition(results)
+    rows = [line for line in body.splitlines() if line.startswith("| ShuffleNetV2 x1.0 | `")]
+    assert [row.split("`")[1] for row in rows] == ["large", "small", "none"]
+    assert "3 quantizers" in body and rows[2].endswith("| 0.00 ± 0.00 |")
