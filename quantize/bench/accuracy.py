@@ -80,6 +80,11 @@ def views_of(image: Image.Image, count: int) -> list[Image.Image]:
     return out[:count]
 
 
+def view_crops(sample: Sample, p: Preprocess, views: int) -> list[np.ndarray]:
+    """The 8-bit model-input crops of the first ``views`` views of a photo (``views_of``), before normalization."""
+    return [crop_uint8(view.convert("RGB"), p) for view in views_of(load_rgb(sample.path), views)]
+
+
 def top1_of(path: Path, batches: list[np.ndarray], threads: int) -> np.ndarray:
     session = make_session(path, threads=threads)
     name = input_name(session)
@@ -89,9 +94,7 @@ def top1_of(path: Path, batches: list[np.ndarray], threads: int) -> np.ndarray:
 def held_out_predictions(models: dict[str, Path], samples: list[Sample], p: Preprocess, views: int,
                          threads: int, batch_size: int = 32) -> dict[str, np.ndarray]:
     """Top-1 of each model on every view of every sample; arrays of shape (len(samples), views)."""
-    crops = []
-    for s in samples:
-        crops += [crop_uint8(v.convert("RGB"), p) for v in views_of(load_rgb(s.path), views)]
+    crops = [crop for s in samples for crop in view_crops(s, p, views)]
     batches = [normalize_batch(np.stack(crops[i:i + batch_size]), p) for i in range(0, len(crops), batch_size)]
     return {name: top1_of(path, batches, threads).reshape(len(samples), views) for name, path in models.items()}
 

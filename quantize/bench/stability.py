@@ -31,11 +31,11 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from quantize.bench.accuracy import agreement_of, views_of
+from quantize.bench.accuracy import agreement_of, view_crops
 from quantize.bench.latency import measure_and_emit
 from quantize.core.errors import QuantizeError
 from quantize.core.runtime import input_name, make_session
-from quantize.data.preprocess import crop_uint8, load_rgb, normalize_batch
+from quantize.data.preprocess import normalize_batch
 from quantize.data.samples import list_samples
 
 SCHEMA = 1
@@ -90,8 +90,7 @@ def run(model: str, root: Path, overrides: list[str], views: int = 12, work_dir:
             return session.run(None, {name: normalize_batch(crops, p)})[0].argmax(axis=1).reshape(-1, views)
 
         for start in tqdm(range(0, len(samples), photos_per_batch), desc="stability", unit="batch"):
-            crops = np.stack([crop_uint8(view.convert("RGB"), p) for s in samples[start:start + photos_per_batch]
-                              for view in views_of(load_rgb(s.path), views)])
+            crops = np.stack([crop for s in samples[start:start + photos_per_batch] for crop in view_crops(s, p, views)])
             reference.append(top1(crops))
             for change_name, change in changes.items():
                 changed[change_name].append(top1(change(crops)))
