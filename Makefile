@@ -104,8 +104,8 @@ bench-eval: install
 ## top-1 and drop on the photos, agreement on VIEWS views of each (mirror, crops), standard errors beside each;
 ## DECOMPOSE=halves also measures the int8 model with only its weights and with only its activations quantized,
 ## groups also each group of activation quantizers alone (one more evaluation per group), quantizers also the
-## activations-only model with each quantizer left out in turn (one per quantizer: ~75 on ShuffleNetV2, half an
-## hour); JSON and table in benchmarks/results/<model>/accuracy[-<TAG>].json
+## activations-only model with each quantizer left out in turn (one per quantizer: 42 on ShuffleNetV2, a quarter
+## of an hour); JSON and table in benchmarks/results/<model>/accuracy[-<TAG>].json
 FOLDS     ?= 2
 VIEWS     ?= 12
 TAG       ?=

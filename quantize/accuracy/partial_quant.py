@@ -17,8 +17,8 @@ then the first component of the tensor's name: a stem, a stage, the Concats of t
 head), and ``with_activations`` builds the fp32 graph with only the quantizers of chosen tensors, each a
 QuantizeLinear/DequantizeLinear pair with the int8 model's scale and zero point after the tensor: what one group of
 activation quantizers costs on its own. Its layers read the quantizers through Cast too. The other way round,
-``left_out_one_at_a_time`` lists, for each quantizer, all the others: what leaving that one out of the activations-only
-model gains.
+``left_out_one_at_a_time`` lists, for each quantizer (those on one range joined by ops that only move values count as
+one), all the others: what leaving that one out of the activations-only model gains.
 
 None of them is meant to run fast: ONNX Runtime runs their layers in fp32 kernels.
 """
@@ -197,18 +197,42 @@ def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: lis
     return model
 
 
+# Ops that only move or select values: a quantized tensor passed through one is still on its grid, so a quantizer of
+# the result on the same range rounds nothing new (MaxPool picks among values, on the grid too).
+MOVES = ("Split", "Concat", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "MaxPool")
+
+
 def left_out_one_at_a_time(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, list[str]]:
-    """Each activation quantizer of the int8 model -> the tensors of all the others, in graph order. The parts a Split
-    cuts a quantized tensor into go with it: they are quantized on its range (``quant.shared_concat_ranges``), so
-    left in they would round the tensor again."""
-    tensors = [t for group in activation_groups(graph, int8).values() for t in group]
-    quantized = set(tensors)
-    whole_of = {part: n.input[0] for n in graph.graph.node if n.op_type == "Split" for part in n.output}
+    """Each activation quantizer of the int8 model -> the tensors of all the others, in graph order. Quantizers on one
+    range joined by ops that only move values (``MOVES``: a Split's parts, a Concat's inputs and output under
+    ``quant.shared_concat_ranges``, a Flatten) count as one, named by its first tensor: left in, the others would
+    round the left-out tensor again, and leaving it out would change nothing."""
+    quantizers = _quantizers(int8, graph)
+    produced = {i.name: -1 for i in graph.graph.input}
+    produced.update({t: k for k, n in enumerate(graph.graph.node) for t in n.output})
+    tensors = sorted((t for group in activation_groups(graph, int8).values() for t in group), key=produced.get)
+    arrays = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
 
-    def whole(tensor: str) -> str:
-        while whole_of.get(tensor) in quantized:
-            tensor = whole_of[tensor]
-        return tensor
+    def grid(tensor: str) -> tuple:
+        q = quantizers[tensor]
+        return tuple(arrays[name].tobytes() for name in q.input[1:3])
 
-    wholes = {t: whole(t) for t in tensors}
-    return {w: [t for t in tensors if wholes[t] != w] for w in dict.fromkeys(wholes.values())}
+    first = {t: t for t in tensors}  # union-find: each tensor's representative, the earliest in graph order
+
+    def find(t: str) -> str:
+        while first[t] != t:
+            t = first[t]
+        return t
+
+    order = {t: k for k, t in enumerate(tensors)}
+    for node in graph.graph.node:
+        if node.op_type not in MOVES:
+            continue
+        linked = [t for t in (*node.input[:1], *(node.input if node.op_type == "Concat" else ()), *node.output)
+                  if t in first]
+        for a, b in zip(linked, linked[1:]):
+            if grid(a) == grid(b):
+                ra, rb = sorted((find(a), find(b)), key=order.get)
+                first[rb] = ra
+    whole = {t: find(t) for t in tensors}
+    return {w: [t for t in tensors if whole[t] != w] for w in dict.fromkeys(whole.values())}

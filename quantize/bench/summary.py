@@ -197,8 +197,9 @@ def _left_out(results: Path) -> list[str]:
                         f"{_pm(*paired[name]) if paired[name] else '—'} |")
     if not rows:
         return []
-    return ["", f"The activations-only model with each activation quantizer left out in turn (a Split's parts go with "
-            f"the tensor they cut; {', '.join(counts)}), the {SHOWN_LEFT_OUT} whose removal raised its agreement most:",
+    return ["", f"The activations-only model with each activation quantizer left out in turn (quantizers on one range "
+            f"joined by ops that only move values, such as a stage's Splits and Concats, count as one and are named by "
+            f"the first; {', '.join(counts)}), the {SHOWN_LEFT_OUT} whose removal raised its agreement most:",
             "", "| network | quantizer left out | agreement with fp32 (views) | minus the activations-only model's, "
             "paired (points) |", "|---|---|---|---|", *rows]
 
