@@ -228,8 +228,8 @@ def left_out_one_at_a_time(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dic
     for node in graph.graph.node:
         if node.op_type not in MOVES:
             continue
-        linked = [t for t in (*node.input[:1], *(node.input if node.op_type == "Concat" else ()), *node.output)
-                  if t in first]
+        data_inputs = node.input if node.op_type == "Concat" else node.input[:1]  # not shapes, axes or indices
+        linked = [t for t in (*data_inputs, *node.output) if t in first]
         for a, b in zip(linked, linked[1:]):
             if grid(a) == grid(b):
                 ra, rb = sorted((find(a), find(b)), key=order.get)
