@@ -100,19 +100,23 @@ bench-eval: install
 		--threads $(THREADS) --out $(BENCH_DIR)/$(MODEL)/bench_eval.json
 
 ## bench-accuracy MODEL=<zoo entry> DATA=<image folder> [FOLDS=2] [VIEWS=12] [DECOMPOSE=halves|groups|quantizers]
-## [ARGS=...]: int8 fidelity cross-validated (calibrate on the other folds, measure on the held-out one): fp32/int8
-## top-1 and drop on the photos, agreement on VIEWS views of each (mirror, crops), standard errors beside each;
-## DECOMPOSE=halves also measures the int8 model with only its weights and with only its activations quantized,
-## groups also each group of activation quantizers alone (one more evaluation per group), quantizers also the
+## [ACT_BITS=<widths>] [ARGS=...]: int8 fidelity cross-validated (calibrate on the other folds, measure on the held-out
+## one): fp32/int8 top-1 and drop on the photos, agreement on VIEWS views of each (mirror, crops), standard errors
+## beside each; DECOMPOSE=halves also measures the int8 model with only its weights and with only its activations
+## quantized, groups also each group of activation quantizers alone (one more evaluation per group), quantizers also the
 ## activations-only model with each quantizer left out in turn (one per quantizer: 42 on ShuffleNetV2, a quarter
-## of an hour); JSON and table in benchmarks/results/<model>/accuracy[-<TAG>].json
+## of an hour); ACT_BITS=9,10,12 also the int8 model with every activation quantizer emulated at that many bits
+## on its range, with the int8 and with the fp32 weights (two evaluations per width); JSON and table in
+## benchmarks/results/<model>/accuracy[-<TAG>].json
 FOLDS     ?= 2
 VIEWS     ?= 12
 TAG       ?=
 DECOMPOSE ?=
+ACT_BITS  ?=
 bench-accuracy: install
 	$(PY) -m quantize.bench.accuracy --model $(MODEL) --root $(DATA) --folds $(FOLDS) --views $(VIEWS) \
-		--threads $(THREADS) $(if $(DECOMPOSE),--decompose $(DECOMPOSE)) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json \
+		--threads $(THREADS) $(if $(DECOMPOSE),--decompose $(DECOMPOSE)) \
+		$(if $(ACT_BITS),--activation-bits $(ACT_BITS)) --out $(BENCH_DIR)/$(MODEL)/accuracy$(if $(TAG),-$(TAG)).json \
 		$(ARGS)
 
 ## bench-stability MODEL=<zoo entry> DATA=<image folder> [VIEWS=12] [ARGS=...]: how often the fp32 model's own top-1

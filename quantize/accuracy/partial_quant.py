@@ -18,7 +18,8 @@ head), and ``with_activations`` builds the fp32 graph with only the quantizers o
 QuantizeLinear/DequantizeLinear pair with the int8 model's scale and zero point after the tensor: what one group of
 activation quantizers costs on its own. Its layers read the quantizers through Cast too. The other way round,
 ``left_out_one_at_a_time`` lists, for each quantizer (those on one range joined by ops that only move values count as
-one), all the others: what leaving that one out of the activations-only model gains.
+one), all the others: what leaving that one out of the activations-only model gains. And with ``bits`` above 8,
+``with_activations`` emulates every quantizer on its range with finer steps: how far wider activations would go.
 
 None of them is meant to run fast: ONNX Runtime runs their layers in fp32 kernels.
 """
@@ -160,10 +161,15 @@ def activation_groups(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str
     return groups
 
 
-def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: list[str],
+                     bits: int = 8) -> onnx.ModelProto:
     """The fp32 graph with the int8 model's quantizers of ``tensors`` only: a QuantizeLinear and DequantizeLinear
     with its scale and zero point after each tensor, read by all its readers (a graph output keeps its name and
-    becomes the dequantized value)."""
+    becomes the dequantized value). With ``bits`` > 8 each quantizer is emulated in float on the same range with
+    ``2 ** (bits - 8)`` times as many levels (``finer_quantizer``): what the int8 model's ranges would give with
+    wider activations. ``graph`` may be ``weights_only``'s model: then the int8 weights are in too."""
+    if not 8 <= bits <= 24:
+        raise ModelError(f"activation bits {bits}: emulate 8 to 24")
     quantizers = _quantizers(int8, graph)
     constants = {i.name: i for i in int8.graph.initializer}
     model = onnx.ModelProto()
@@ -188,13 +194,40 @@ def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: lis
             source, restored = tensor, fresh_name(f"{tensor}_fake_dequantized", taken)
             for node in model.graph.node:
                 node.input[:] = [restored if x == tensor else x for x in node.input]
-        steps = [helper.make_node("QuantizeLinear", [source, *params], [quantized], name=quantized),
-                 helper.make_node("DequantizeLinear", [quantized, *params], [restored], name=restored)]
+        if bits == 8:
+            steps = [helper.make_node("QuantizeLinear", [source, *params], [quantized], name=quantized),
+                     helper.make_node("DequantizeLinear", [quantized, *params], [restored], name=restored)]
+        else:
+            steps = finer_quantizer(model, source, restored, constants[q.input[1]], constants[q.input[2]], bits,
+                                    taken)
         after = next((k + 1 for k, n in enumerate(model.graph.node) if source in n.output), 0)
         for offset, step in enumerate(steps):
             model.graph.node.insert(after + offset, step)
     read_through_cast(model, list(_layers(model)))  # or ONNX Runtime quantizes the layers between the quantizers
     return model
+
+
+def finer_quantizer(model: onnx.ModelProto, source: str, restored: str, scale: onnx.TensorProto,
+                    zero_point: onnx.TensorProto, bits: int, taken: set[str]) -> list[onnx.NodeProto]:
+    """Float nodes computing ``restored`` from ``source`` as a uint``bits`` quantizer would: the uint8 quantizer's
+    range, its step divided by ``2 ** (bits - 8)`` (``clip(round(x / step), lo, hi) * step``, round half to even
+    like QuantizeLinear). Their constants are added to ``model``."""
+    levels = 2 ** (bits - 8)
+    if zero_point.data_type != onnx.TensorProto.UINT8:
+        raise ModelError(f"{source}: emulating wider activations needs a uint8 quantizer")
+    step = numpy_helper.to_array(scale).astype(np.float64) / levels
+    zero = numpy_helper.to_array(zero_point).astype(np.float64) * levels
+    values = {"step": step, "low": -zero, "high": 2 ** bits - 1 - zero}
+    names = {}
+    for part, value in values.items():
+        names[part] = fresh_name(f"{source}_a{bits}_{part}", taken)
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), names[part]))
+    scaled, rounded, clipped = (fresh_name(f"{source}_a{bits}_{part}", taken) for part in ("scaled", "rounded",
+                                                                                          "clipped"))
+    return [helper.make_node("Div", [source, names["step"]], [scaled], name=scaled),
+            helper.make_node("Round", [scaled], [rounded], name=rounded),
+            helper.make_node("Clip", [rounded, names["low"], names["high"]], [clipped], name=clipped),
+            helper.make_node("Mul", [clipped, names["step"]], [restored], name=restored)]
 
 
 # Ops that only move or select values: a quantized tensor passed through one is still on its grid, so a quantizer of

@@ -102,17 +102,25 @@ def held_out_predictions(models: dict[str, Path], samples: list[Sample], p: Prep
 DECOMPOSITIONS = ("halves", "groups", "quantizers")  # each adds to the one before it
 
 
-def half_quantized(pipeline: Any, int8: Path, into: Path, decompose: str = "halves") -> dict[str, Path]:
+def half_quantized(pipeline: Any, int8: Path, into: Path, decompose: str = "halves",
+                   activation_bits: tuple[int, ...] = ()) -> dict[str, Path]:
     """The int8 model with only its weights, and with only its activations, quantized (``accuracy.partial_quant``),
     built from the graph the quantizer read; from ``groups`` on, also the fp32 graph with each group of activation
     quantizers alone (``group:<name>``); with ``quantizers``, also the activations-only model with each quantizer left
-    out in turn (``without:<tensor>``, ``partial_quant.left_out_one_at_a_time``)."""
+    out in turn (``without:<tensor>``, ``partial_quant.left_out_one_at_a_time``). For each of ``activation_bits``,
+    every activation quantizer emulated with that many bits on its range, with the int8 weights (``bits:w8a<b>``)
+    and with the fp32 ones (``bits:w32a<b>``)."""
     from quantize.accuracy.partial_quant import (activation_groups, activations_only, left_out_one_at_a_time,
                                                  weights_only, with_activations)
 
     graph, quantized = onnx.load(str(pipeline.accuracy.quantizer_input())), onnx.load(str(int8))
     builds = {"weights_only": lambda: weights_only(graph, quantized),
               "activations_only": lambda: activations_only(graph, quantized)}
+    every = [t for group in activation_groups(graph, quantized).values() for t in group] if activation_bits else []
+    for bits in activation_bits:
+        builds[f"bits:w8a{bits}"] = lambda bits=bits: with_activations(weights_only(graph, quantized), quantized,
+                                                                        every, bits)
+        builds[f"bits:w32a{bits}"] = lambda bits=bits: with_activations(graph, quantized, every, bits)
     if DECOMPOSITIONS.index(decompose) >= 1:
         for group, tensors in activation_groups(graph, quantized).items():
             builds[f"group:{group}"] = lambda tensors=tensors: with_activations(graph, quantized, tensors)
@@ -162,9 +170,11 @@ def copy_tree(samples: list[Sample], root: Path, into: Path) -> Path:
 
 
 def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int = 12, work_dir: Path | None = None,
-        threads: int = 0, decompose: str | None = None) -> dict[str, Any]:
+        threads: int = 0, decompose: str | None = None, activation_bits: tuple[int, ...] = ()) -> dict[str, Any]:
     """The cross-validated figures; with ``decompose`` (one of ``DECOMPOSITIONS``) also the agreement of the
-    decomposing models ``half_quantized`` builds, on the same views."""
+    decomposing models ``half_quantized`` builds, on the same views (``activation_bits`` implies ``halves``)."""
+    if activation_bits and not decompose:
+        decompose = "halves"
     from quantize.jobs.release import compose_model
     from quantize.pipeline.runner import Pipeline
 
@@ -188,7 +198,7 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
             if decompose:
                 halves = Path(scratch) / f"halves{k}"
                 halves.mkdir()
-                models.update(half_quantized(pipeline, int8, halves, decompose))
+                models.update(half_quantized(pipeline, int8, halves, decompose, activation_bits))
             pred = held_out_predictions(models, held_out, pipeline.preprocess, views, threads)
             fold_labels = np.array([s.label for s in held_out])
             results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})
@@ -211,7 +221,8 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
                     "agreeing_views": per_photo[name]}
 
         result["half_quantized"] = {name: measured(name) for name in ("weights_only", "activations_only")}
-        for prefix, key in (("group:", "activation_groups"), ("without:", "left_out_quantizers")):
+        for prefix, key in (("group:", "activation_groups"), ("without:", "left_out_quantizers"),
+                            ("bits:", "activation_bits")):
             names = [name for name in preds[0] if name.startswith(prefix)]
             if any(set(names) != {n for n in p if n.startswith(prefix)} for p in preds):
                 raise QuantizeError(f"the folds' int8 models hold different activation quantizers ({key})")
@@ -253,6 +264,9 @@ def as_table(result: dict[str, Any]) -> str:
     for name, group in result.get("activation_groups", {}).items():
         lines.append(f"\nOnly the activation quantizers of {name}: agreement {group['agreement']:.2f}"
                      f"{se(group['agreement_se'])} (views)")
+    for name, m in result.get("activation_bits", {}).items():
+        lines.append(f"\nWeights {name[1:].replace('a', ' bits, activations ')} bits (the int8 model's activation "
+                     f"ranges): agreement {m['agreement']:.2f}{se(m['agreement_se'])} (views)")
     left_out = result.get("left_out_quantizers", {})
     for name, m in sorted(left_out.items(), key=lambda item: -item[1]["agreement"]):
         lines.append(f"\nThe activations-only model without the quantizer of {name}: agreement {m['agreement']:.2f}"
@@ -276,6 +290,17 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def bit_widths(text: str) -> tuple[int, ...]:
+    """``9,10,12`` -> (9, 10, 12), each 8 to 24."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: bit widths separated by commas, e.g. 9,10,12") from None
+    if not all(8 <= b <= 24 for b in widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: each width 8 to 24")
+    return widths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantize.bench.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="zoo entry (conf/model/)")
@@ -289,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                         "weights, and with only its activations, quantized (halves), each group of activation "
                         "quantizers alone (groups, with the halves), and the activations-only model with each "
                         "quantizer left out in turn (quantizers, with the groups): where the disagreement comes from")
+    parser.add_argument("--activation-bits", type=bit_widths, default=(), metavar="BITS[,BITS...]",
+                        help="also measure the int8 model with every activation quantizer emulated with BITS bits on "
+                        "its range, with the int8 and with the fp32 weights (implies --decompose halves)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="add that variant's overrides (see VARIANTS); "
                         "the default --out becomes accuracy-VARIANT.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. quant=u8s8_plain")
@@ -299,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out = Path("benchmarks/results") / args.model / f"accuracy-{args.variant}.json"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return measure_and_emit(lambda: run(args.model, args.root, args.overrides, args.folds, args.views, args.work_dir,
-                                        args.threads, args.decompose), args.out, as_table)
+                                        args.threads, args.decompose, args.activation_bits),
+                             args.out, as_table)
 
 
 if __name__ == "__main__":

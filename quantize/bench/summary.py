@@ -146,11 +146,7 @@ def decomposition(results: Path) -> str:
         halves, a = data["half_quantized"], data["all"]
         cells = [_pm(a["agreement"], a["agreement_se"], unit="%")]
         for name in ("weights_only", "activations_only"):
-            half = halves[name]
-            paired = paired_agreement({"agreeing_views": half["agreeing_views"],
-                                       "views_per_photo": data["views_per_photo"]}, data)
-            cells.append(f"{_pm(half['agreement'], half['agreement_se'], unit='%')} "
-                         f"({_pm(*paired) if paired else '—'})")
+            cells.append(_with_paired(halves[name], data))
         rows.append(f"| {title} | {' | '.join(cells)} | {_load_range(data.get('load_average'))} |")
     head = ("| network | int8 (default recipe) | only the weights quantized (minus int8's, paired) | only the activations "
             "quantized (minus int8's, paired) | load |\n|---|---|---|---|---|")
@@ -169,7 +165,46 @@ def decomposition(results: Path) -> str:
                   "rewrite, `output` for the logits):", "",
                   "| network | activation quantizers | agreement with fp32 (views), only these quantized |",
                   "|---|---|---|", *group_rows]
-    return "\n".join([head, *rows, "", note, *groups, *_left_out(results), "", _artifacts(used, results)]) + "\n"
+    return "\n".join([head, *rows, "", note, *groups, *_wider_activations(results), *_left_out(results), "",
+                      _artifacts(used, results)]) + "\n"
+
+
+def _paired(measured: dict[str, Any], baseline_views: dict[str, int],
+            data: dict[str, Any]) -> tuple[float, float] | None:
+    """``measured`` (a decomposing model's figures in the accuracy result ``data``) minus the model whose agreeing
+    views per photo are ``baseline_views``, paired over photos."""
+    views = data["views_per_photo"]
+    return paired_agreement({"agreeing_views": measured["agreeing_views"], "views_per_photo": views},
+                            {"agreeing_views": baseline_views, "views_per_photo": views})
+
+
+def _with_paired(measured: dict[str, Any], data: dict[str, Any]) -> str:
+    """``measured``'s agreement, and in brackets minus the int8 model's of the same accuracy result, paired."""
+    paired = _paired(measured, data["agreeing_views"], data)
+    return f"{_pm(measured['agreement'], measured['agreement_se'], unit='%')} ({_pm(*paired) if paired else '—'})"
+
+
+def _wider_activations(results: Path) -> list[str]:
+    """Lines on the int8 model with every activation quantizer emulated with more bits on its range
+    (``ACT_BITS``), with its int8 weights and with the fp32 ones, each paired against the int8 model."""
+    rows = []
+    for model, title in NETWORKS.items():
+        data = _load(results / model / "accuracy.json") or {}
+        wider = data.get("activation_bits")
+        if not wider:
+            continue
+        rows.append(f"| {title} | 8 (the int8 model; only its activations quantized) | "
+                    f"{_pm(data['all']['agreement'], data['all']['agreement_se'], unit='%')} | "
+                    f"{_with_paired(data['half_quantized']['activations_only'], data)} |")
+        for bits in sorted({int(name.split("a")[1]) for name in wider} - {8}):
+            cells = [_with_paired(wider[f"w{w}a{bits}"], data) for w in (8, 32)]
+            rows.append(f"| {title} | {bits} | {' | '.join(cells)} |")
+    if not rows:
+        return []
+    return ["", "The int8 model with every activation quantizer emulated with more bits (`ACT_BITS`: the same ranges, "
+            "with 2^(bits - 8) times as many levels; ONNX Runtime has no kernels for them), with the int8 weights and "
+            "with the fp32 ones:", "", "| network | activation bits | with the int8 weights (minus the int8 model's, paired) "
+            "| with the fp32 weights (minus the int8 model's, paired) |", "|---|---|---|---|", *rows]
 
 
 SHOWN_LEFT_OUT = 5  # the quantizers whose removal raised the activations-only model's agreement most
@@ -184,11 +219,8 @@ def _left_out(results: Path) -> list[str]:
         left_out = data.get("left_out_quantizers")
         if not left_out:
             continue
-        views = data["views_per_photo"]
-        baseline = {"agreeing_views": data["half_quantized"]["activations_only"]["agreeing_views"],
-                    "views_per_photo": views}
-        paired = {name: paired_agreement({"agreeing_views": m["agreeing_views"], "views_per_photo": views}, baseline)
-                  for name, m in left_out.items()}
+        baseline = data["half_quantized"]["activations_only"]["agreeing_views"]
+        paired = {name: _paired(m, baseline, data) for name, m in left_out.items()}
         ranked = sorted(left_out, key=lambda name: -(paired[name] or (0.0, 0.0))[0])
         counts.append(f"{title}: {len(left_out)} quantizers")
         for name in ranked[:SHOWN_LEFT_OUT]:

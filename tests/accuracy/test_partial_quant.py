@@ -144,3 +144,42 @@ def test_without_moves_every_quantizer_is_left_out_alone(pair):
     assert set(left_out) == set(every) - {"out"}
     assert left_out["p"] == [t for t in every if t not in ("p", "out")]
     assert all(left_out[t] == [o for o in every if o != t] for t in left_out if t != "p")
+
+
+def test_a_wider_quantizer_keeps_the_range_on_a_finer_grid():
+    from onnx import TensorProto, helper
+
+    from quantize.accuracy.partial_quant import finer_quantizer
+
+    model = helper.make_model(helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [400])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [400])]))
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(20, np.uint8), "z")
+    model.graph.node.extend(finer_quantizer(model, "x", "y", scale, zero, 10, {"x", "y"}))
+    onnx.checker.check_model(model)
+    x = np.linspace(-5, 30, 400, dtype=np.float32)
+    y = make_session(model.SerializeToString()).run(None, {"x": x})[0]
+    step = np.float32(0.1) / 4
+    np.testing.assert_allclose(y, np.clip(np.round(x / step), -80, 1023 - 80) * step, rtol=0, atol=1e-6)
+    assert y.min() == pytest.approx(-2.0) and y.max() == pytest.approx((255 - 20) * 0.1 + 3 * 0.025)
+    inside = (x > -2) & (x < 23.5)
+    assert np.abs(y - x)[inside].max() <= step / 2 + 1e-6  # a quarter of the uint8 quantizer's rounding error
+    with pytest.raises(ModelError, match="uint8"):
+        finer_quantizer(model, "x", "y2", scale, numpy_helper.from_array(np.array(0, np.int8), "z8"), 10, set())
+
+
+def test_wider_activations_come_closer_to_the_fp32_model_and_to_its_weights_only_half(pair):
+    from quantize.accuracy.partial_quant import activation_groups, with_activations
+
+    graph, int8, x = pair
+    every = [t for tensors in activation_groups(graph, int8).values() for t in tensors]
+    fp32_out, with_int8_weights = run(graph, x), weights_only(graph, int8)
+    error = {bits: np.abs(run(with_activations(graph, int8, every, bits), x) - fp32_out).mean()
+             for bits in (8, 9, 10, 12, 16)}
+    assert error[8] > error[9] > error[10] > error[12] > error[16]
+    assert error[16] < error[8] / 100  # minmax ranges clip nothing here: at 16 bits nearly the fp32 model
+    weights_error = np.abs(run(with_int8_weights, x) - fp32_out).mean()
+    both = np.abs(run(with_activations(with_int8_weights, int8, every, 16), x) - fp32_out).mean()
+    assert both == pytest.approx(weights_error, rel=0.05)
+    with pytest.raises(ModelError, match="8 to 24"):
+        with_activations(graph, int8, every, 7)

@@ -56,7 +56,8 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
     out = tmp_path / "acc.json"
     code = main(["--model", "shufflenet_v2_x0_5", "--root", str(data), "--views", "2", "--threads", "1",
-                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "groups", "model.pretrained=false",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "groups", "--activation-bits", "10",
+                 "model.pretrained=false",
                  "export.check_images=2", "calib.batch_size=3"])
     assert code == 0
     result = json.loads(out.read_text())
@@ -74,6 +75,10 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     assert {"maxpool", "stage2", "stage3", "stage4", "output"} <= set(groups)
     assert not {"input", "conv1"} & set(groups)  # the default recipe's stem and its pool are fp32 (quant.float_stem)
     assert all(set(g["agreeing_views"]) == set(result["agreeing_views"]) for g in groups.values())
+    wider = result["activation_bits"]  # every activation at 10 bits, with the int8 and with the fp32 weights
+    assert set(wider) == {"w8a10", "w32a10"}
+    assert all(set(w["agreeing_views"]) == set(result["agreeing_views"]) for w in wider.values())
+    assert "Weights 8 bits, activations 10 bits" in out.with_suffix(".md").read_text()
 
 
 def test_a_variant_adds_its_overrides_and_names_its_file(tmp_path, monkeypatch):
@@ -81,7 +86,7 @@ def test_a_variant_adds_its_overrides_and_names_its_file(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_run(model, root, overrides, folds, views, work_dir, threads, decompose):
+    def fake_run(model, root, overrides, folds, views, work_dir, threads, decompose, activation_bits):
         seen["overrides"] = overrides
         row = {"photos": 2, "fp32_top1": 50.0, "int8_top1": 50.0, "drop": 0.0, "drop_se": 0.0, "agreement": 100.0,
                "agreement_se": 0.0, "views": 4, "photo_agreement": 100.0}
@@ -133,10 +138,11 @@ def test_quantizers_decomposition_builds_one_model_per_quantizer_left_out(tmp_pa
     for mode in DECOMPOSITIONS:
         into = tmp_path / mode
         into.mkdir()
-        built[mode] = half_quantized(pipeline, Path(int8), into, mode)
+        widths = (10,) if mode == "halves" else ()
+        built[mode] = half_quantized(pipeline, Path(int8), into, mode, activation_bits=widths)
     groups = activation_groups(onnx.load(str(graph)), onnx.load(str(int8)))
     tensors = [t for g in groups.values() for t in g if t != "out"]  # "out" only flattens "p", on its range
-    assert set(built["halves"]) == {"weights_only", "activations_only"}
+    assert set(built["halves"]) == {"weights_only", "activations_only", "bits:w8a10", "bits:w32a10"}
     assert set(built["groups"]) - set(built["halves"]) == {f"group:{g}" for g in groups}
     assert set(built["quantizers"]) - set(built["groups"]) == {f"without:{t}" for t in tensors}
     x = np.concatenate(data)
@@ -145,3 +151,8 @@ def test_quantizers_decomposition_builds_one_model_per_quantizer_left_out(tmp_pa
     error = {name: np.abs(out - fp32_out).mean() for name, out in outputs.items()}
     assert all(error[f"without:{t}"] <= error["activations_only"] * 1.5 for t in tensors)
     assert any(error[f"without:{t}"] < error["activations_only"] for t in tensors)
+    wider = {name: np.abs(make_session(path).run(None, {"x": x})[0] - fp32_out).mean()
+             for name, path in built["halves"].items()}
+    assert wider["bits:w32a10"] < error["activations_only"] / 2
+    # with the int8 weights: their rounding and a little of the activations'
+    assert wider["weights_only"] < wider["bits:w8a10"] < wider["weights_only"] + error["activations_only"] / 2

@@ -73,3 +73,27 @@ def test_left_out_quantizers_are_ranked_by_their_paired_gain(tmp_path):
     rows = [line for line in body.splitlines() if line.startswith("| ShuffleNetV2 x1.0 | `")]
     assert [row.split("`")[1] for row in rows] == ["large", "small", "none"]
     assert "3 quantizers" in body and rows[2].endswith("| 0.00 ± 0.00 |")
+
+
+def test_wider_activations_are_listed_by_width_and_paired_with_the_int8_model(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    accuracy = results / "shufflenet_v2_x1_0" / "accuracy.json"
+    data = json.loads(accuracy.read_text())
+    int8_views = data["agreeing_views"]
+
+    below = sorted(p for p, n in int8_views.items() if n < data["views_per_photo"])
+
+    def plus(by: int) -> dict:  # the int8 model's counts, one more agreeing view on `by` photos that had room
+        return {"agreement": 99.0, "agreement_se": 0.1,
+                "agreeing_views": {p: n + (p in below[:by]) for p, n in int8_views.items()}}
+
+    data["activation_bits"] = {"w8a12": plus(30), "w32a12": plus(45), "w8a9": plus(10), "w32a9": plus(0)}
+    accuracy.write_text(json.dumps(data))
+    rows = [line for line in summary.decomposition(results).splitlines()
+            if line.startswith("| ShuffleNetV2 x1.0 | ") and line.split(" | ")[1][:2] in ("8 ", "9", "12")]
+    assert [row.split(" | ")[1] for row in rows] == ["8 (the int8 model; only its activations quantized)", "9", "12"]
+    gain = {row.split(" | ")[1]: [cell.split("(")[1].split(" ±")[0] for cell in row.split(" | ")[2:4]]
+            for row in rows[1:]}
+    assert len(below) >= 45
+    assert float(gain["9"][1]) == 0.0 and 0 < float(gain["9"][0]) < float(gain["12"][0]) < float(gain["12"][1])
