@@ -88,11 +88,13 @@ def test_wider_activations_are_listed_by_width_and_paired_with_the_int8_model(tm
         return {"agreement": 99.0, "agreement_se": 0.1,
                 "agreeing_views": {p: n + (p in below[:by]) for p, n in int8_views.items()}}
 
-    data["activation_bits"] = {"w8a12": plus(30), "w32a12": plus(45), "w8a9": plus(10), "w32a9": plus(0)}
+    data["activation_bits"] = {"w8a12": plus(30), "w32a12": plus(45), "w8a9": plus(10), "w32a9": plus(0),
+                               "w8a24": plus(30), "w32a24": plus(45)}
     accuracy.write_text(json.dumps(data))
     rows = [line for line in summary.decomposition(results).splitlines()
-            if line.startswith("| ShuffleNetV2 x1.0 | ") and line.split(" | ")[1][:2] in ("8 ", "9", "12")]
-    assert [row.split(" | ")[1] for row in rows] == ["8 (the int8 model; only its activations quantized)", "9", "12"]
+            if line.startswith("| ShuffleNetV2 x1.0 | ") and line.split(" | ")[1].split(" ")[0] in ("8", "9", "12", "24")]
+    assert [row.split(" | ")[1] for row in rows] == ["8 (the int8 model; only its activations quantized)", "9", "12",
+                                                     "24 (rounding negligible: the ranges' clipping is left)"]
     gain = {row.split(" | ")[1]: [cell.split("(")[1].split(" ±")[0] for cell in row.split(" | ")[2:4]]
             for row in rows[1:]}
     assert len(below) >= 45
