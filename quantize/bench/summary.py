@@ -206,8 +206,8 @@ def _wider_activations(results: Path) -> list[str]:
     if not rows:
         return []
     return ["", "The int8 model with every activation quantizer emulated with more bits (`ACT_BITS`: the same ranges, "
-            "with 2^(bits - 8) times as many levels; ONNX Runtime has no kernels for them), with the int8 weights and "
-            "with the fp32 ones:", "", "| network | activation bits | with the int8 weights (minus the int8 model's, paired) "
+            "with 2^(bits - 8) times as many levels, emulated in float: ONNX Runtime's int8 CPU kernels take 8-bit "
+            "activations), with the int8 weights and with the fp32 ones:", "", "| network | activation bits | with the int8 weights (minus the int8 model's, paired) "
             "| with the fp32 weights (minus the int8 model's, paired) |", "|---|---|---|---|", *rows]
 
 
