@@ -178,14 +178,7 @@ def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: lis
     outputs = {o.name for o in model.graph.output}
     for tensor in tensors:
         q = quantizers[tensor]
-        params = []
-        for part, source in (("scale", q.input[1]), ("zero_point", q.input[2])):
-            copy = onnx.TensorProto()
-            copy.CopyFrom(constants[source])
-            copy.name = fresh_name(f"{tensor}_fake_{part}", taken)
-            model.graph.initializer.append(copy)
-            params.append(copy.name)
-        quantized = fresh_name(f"{tensor}_fake_quantized", taken)
+        scale, zero_point = constants[q.input[1]], constants[q.input[2]]
         if tensor in outputs:  # its producer writes a new name; the dequantized value takes the output's
             source, restored = fresh_name(f"{tensor}_fp32", taken), tensor
             for node in model.graph.node:
@@ -195,16 +188,30 @@ def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: lis
             for node in model.graph.node:
                 node.input[:] = [restored if x == tensor else x for x in node.input]
         if bits == 8:
-            steps = [helper.make_node("QuantizeLinear", [source, *params], [quantized], name=quantized),
-                     helper.make_node("DequantizeLinear", [quantized, *params], [restored], name=restored)]
+            steps = uint8_quantizer(model, source, restored, scale, zero_point, taken)
         else:
-            steps = finer_quantizer(model, source, restored, constants[q.input[1]], constants[q.input[2]], bits,
-                                    taken)
+            steps = finer_quantizer(model, source, restored, scale, zero_point, bits, taken)
         after = next((k + 1 for k, n in enumerate(model.graph.node) if source in n.output), 0)
         for offset, step in enumerate(steps):
             model.graph.node.insert(after + offset, step)
     read_through_cast(model, list(_layers(model)))  # or ONNX Runtime quantizes the layers between the quantizers
     return model
+
+
+def uint8_quantizer(model: onnx.ModelProto, source: str, restored: str, scale: onnx.TensorProto,
+                    zero_point: onnx.TensorProto, taken: set[str]) -> list[onnx.NodeProto]:
+    """A QuantizeLinear and DequantizeLinear computing ``restored`` from ``source`` with copies of the int8 model's
+    ``scale`` and ``zero_point`` (added to ``model``)."""
+    params = []
+    for part, value in (("scale", scale), ("zero_point", zero_point)):
+        copy = onnx.TensorProto()
+        copy.CopyFrom(value)
+        copy.name = fresh_name(f"{source}_fake_{part}", taken)
+        model.graph.initializer.append(copy)
+        params.append(copy.name)
+    quantized = fresh_name(f"{source}_fake_quantized", taken)
+    return [helper.make_node("QuantizeLinear", [source, *params], [quantized], name=quantized),
+            helper.make_node("DequantizeLinear", [quantized, *params], [restored], name=restored)]
 
 
 def finer_quantizer(model: onnx.ModelProto, source: str, restored: str, scale: onnx.TensorProto,

@@ -102,6 +102,17 @@ def held_out_predictions(models: dict[str, Path], samples: list[Sample], p: Prep
 DECOMPOSITIONS = ("halves", "groups", "quantizers")  # each adds to the one before it
 
 
+def bits_name(weights: int, activations: int) -> str:
+    """How a model of ``--activation-bits`` is named in the result: ``w8a10``."""
+    return f"w{weights}a{activations}"
+
+
+def bits_of(name: str) -> tuple[int, int]:
+    """``w8a10`` -> (8, 10): the weight and activation bits of a ``bits_name``."""
+    weights, activations = name.removeprefix("w").split("a")
+    return int(weights), int(activations)
+
+
 def half_quantized(pipeline: Any, int8: Path, into: Path, decompose: str = "halves",
                    activation_bits: tuple[int, ...] = ()) -> dict[str, Path]:
     """The int8 model with only its weights, and with only its activations, quantized (``accuracy.partial_quant``),
@@ -118,9 +129,9 @@ def half_quantized(pipeline: Any, int8: Path, into: Path, decompose: str = "halv
               "activations_only": lambda: activations_only(graph, quantized)}
     every = [t for group in activation_groups(graph, quantized).values() for t in group] if activation_bits else []
     for bits in activation_bits:
-        builds[f"bits:w8a{bits}"] = lambda bits=bits: with_activations(weights_only(graph, quantized), quantized,
-                                                                        every, bits)
-        builds[f"bits:w32a{bits}"] = lambda bits=bits: with_activations(graph, quantized, every, bits)
+        builds[f"bits:{bits_name(8, bits)}"] = lambda bits=bits: with_activations(weights_only(graph, quantized),
+                                                                                 quantized, every, bits)
+        builds[f"bits:{bits_name(32, bits)}"] = lambda bits=bits: with_activations(graph, quantized, every, bits)
     if DECOMPOSITIONS.index(decompose) >= 1:
         for group, tensors in activation_groups(graph, quantized).items():
             builds[f"group:{group}"] = lambda tensors=tensors: with_activations(graph, quantized, tensors)
@@ -265,7 +276,8 @@ def as_table(result: dict[str, Any]) -> str:
         lines.append(f"\nOnly the activation quantizers of {name}: agreement {group['agreement']:.2f}"
                      f"{se(group['agreement_se'])} (views)")
     for name, m in result.get("activation_bits", {}).items():
-        lines.append(f"\nWeights {name[1:].replace('a', ' bits, activations ')} bits (the int8 model's activation "
+        weights, activations = bits_of(name)
+        lines.append(f"\nWeights {weights} bits, activations {activations} bits (the int8 model's activation "
                      f"ranges): agreement {m['agreement']:.2f}{se(m['agreement_se'])} (views)")
     left_out = result.get("left_out_quantizers", {})
     for name, m in sorted(left_out.items(), key=lambda item: -item[1]["agreement"]):

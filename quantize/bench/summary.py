@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from quantize.bench.accuracy import paired_agreement
+from quantize.bench.accuracy import bits_name, bits_of, paired_agreement
 from quantize.core.artifacts import write_text
 
 SHOWN_AS = "benchmarks/results"  # how the README names the results folder, wherever it was read from
@@ -199,8 +199,8 @@ def _wider_activations(results: Path) -> list[str]:
         rows.append(f"| {title} | 8 (the int8 model; only its activations quantized) | "
                     f"{_pm(data['all']['agreement'], data['all']['agreement_se'], unit='%')} | "
                     f"{_with_paired(data['half_quantized']['activations_only'], data)} |")
-        for bits in sorted({int(name.split("a")[1]) for name in wider} - {8}):
-            cells = [_with_paired(wider[f"w{w}a{bits}"], data) for w in (8, 32)]
+        for bits in sorted({bits_of(name)[1] for name in wider} - {8}):
+            cells = [_with_paired(wider[bits_name(w, bits)], data) for w in (8, 32)]
             label = f"{bits} (rounding negligible: the ranges' clipping is left)" if bits >= ONLY_CLIPPING else bits
             rows.append(f"| {title} | {label} | {' | '.join(cells)} |")
     if not rows:
