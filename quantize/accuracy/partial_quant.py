@@ -37,6 +37,7 @@ from quantize.graph.onnx_graph import fresh_name
 from quantize.stages.fp32_nodes import drop_unread, held_tensors, read_through_cast
 
 LAYERS = ("Conv", "Gemm", "MatMul")
+ACTIVATION_BITS = range(8, 25)  # what ``with_activations`` emulates: float32 holds every level of 24 bits exactly
 WEIGHT_AND_BIAS = (1, 2)  # the inputs of a layer that the quantizer stores as integers
 
 
@@ -168,8 +169,8 @@ def with_activations(graph: onnx.ModelProto, int8: onnx.ModelProto, tensors: lis
     becomes the dequantized value). With ``bits`` > 8 each quantizer is emulated in float on the same range with
     ``2 ** (bits - 8)`` times as many levels (``finer_quantizer``): what the int8 model's ranges would give with
     wider activations. ``graph`` may be ``weights_only``'s model: then the int8 weights are in too."""
-    if not 8 <= bits <= 24:
-        raise ModelError(f"activation bits {bits}: emulate 8 to 24")
+    if bits not in ACTIVATION_BITS:
+        raise ModelError(f"activation bits {bits}: emulate {ACTIVATION_BITS[0]} to {ACTIVATION_BITS[-1]}")
     quantizers = _quantizers(int8, graph)
     constants = {i.name: i for i in int8.graph.initializer}
     model = onnx.ModelProto()

@@ -303,13 +303,15 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def bit_widths(text: str) -> tuple[int, ...]:
-    """``9,10,12`` -> (9, 10, 12), each 8 to 24."""
+    """``9,10,12`` -> (9, 10, 12), each one ``with_activations`` can emulate."""
+    from quantize.accuracy.partial_quant import ACTIVATION_BITS
+
     try:
         widths = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: bit widths separated by commas, e.g. 9,10,12") from None
-    if not all(8 <= b <= 24 for b in widths):
-        raise argparse.ArgumentTypeError(f"{text!r}: each width 8 to 24")
+    if not all(b in ACTIVATION_BITS for b in widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: each width {ACTIVATION_BITS[0]} to {ACTIVATION_BITS[-1]}")
     return widths
 
 
