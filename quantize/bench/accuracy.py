@@ -127,13 +127,14 @@ def half_quantized(pipeline: Any, int8: Path, into: Path, decompose: str = "halv
     graph, quantized = onnx.load(str(pipeline.accuracy.quantizer_input())), onnx.load(str(int8))
     builds = {"weights_only": lambda: weights_only(graph, quantized),
               "activations_only": lambda: activations_only(graph, quantized)}
-    every = [t for group in activation_groups(graph, quantized).values() for t in group] if activation_bits else []
+    groups = activation_groups(graph, quantized) if activation_bits or DECOMPOSITIONS.index(decompose) >= 1 else {}
+    every = [t for group in groups.values() for t in group]
     for bits in activation_bits:
         builds[f"bits:{bits_name(8, bits)}"] = lambda bits=bits: with_activations(weights_only(graph, quantized),
                                                                                  quantized, every, bits)
         builds[f"bits:{bits_name(32, bits)}"] = lambda bits=bits: with_activations(graph, quantized, every, bits)
     if DECOMPOSITIONS.index(decompose) >= 1:
-        for group, tensors in activation_groups(graph, quantized).items():
+        for group, tensors in groups.items():
             builds[f"group:{group}"] = lambda tensors=tensors: with_activations(graph, quantized, tensors)
     if DECOMPOSITIONS.index(decompose) >= 2:
         for tensor, others in left_out_one_at_a_time(graph, quantized).items():
