@@ -243,15 +243,18 @@ def finer_quantizer(model: onnx.ModelProto, source: str, restored: str, scale: o
 MOVES = ("Split", "Concat", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "MaxPool")
 
 
-def left_out_one_at_a_time(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, list[str]]:
-    """Each activation quantizer of the int8 model -> the tensors of all the others, in graph order. Quantizers on one
-    range joined by ops that only move values (``MOVES``: a Split's parts, a Concat's inputs and output under
-    ``quant.shared_concat_ranges``, a Flatten) count as one, named by its first tensor: left in, the others would
-    round the left-out tensor again, and leaving it out would change nothing."""
-    quantizers = _quantizers(int8, graph)
+def _in_graph_order(graph: onnx.ModelProto, tensors: list[str]) -> list[str]:
     produced = {i.name: -1 for i in graph.graph.input}
     produced.update({t: k for k, n in enumerate(graph.graph.node) for t in n.output})
-    tensors = sorted((t for group in activation_groups(graph, int8).values() for t in group), key=produced.get)
+    return sorted(tensors, key=produced.get)
+
+
+def joined_quantizers(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, list[str]]:
+    """The int8 model's activation quantizers as they act: the first tensor of each -> all the tensors it rounds, in
+    graph order. Quantizers on one range joined by ops that only move values (``MOVES``: a Split's parts, a Concat's
+    inputs and output under ``quant.shared_concat_ranges``, a Flatten) are one: the later ones round nothing anew."""
+    quantizers = _quantizers(int8, graph)
+    tensors = _in_graph_order(graph, [t for group in activation_groups(graph, int8).values() for t in group])
     arrays = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
 
     def grid(tensor: str) -> tuple:
@@ -276,4 +279,13 @@ def left_out_one_at_a_time(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dic
                 ra, rb = sorted((find(a), find(b)), key=order.get)
                 first[rb] = ra
     whole = {t: find(t) for t in tensors}
-    return {w: [t for t in tensors if whole[t] != w] for w in dict.fromkeys(whole.values())}
+    return {w: [t for t in tensors if whole[t] == w] for w in dict.fromkeys(whole.values())}
+
+
+def left_out_one_at_a_time(graph: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, list[str]]:
+    """Each activation quantizer of the int8 model (``joined_quantizers``, named by its first tensor) -> the tensors of
+    all the others, in graph order: left in, a quantizer joined to the left-out one would round it again, and leaving
+    it out would change nothing."""
+    joined = joined_quantizers(graph, int8)
+    tensors = _in_graph_order(graph, [t for members in joined.values() for t in members])
+    return {first: [t for t in tensors if t not in members] for first, members in joined.items()}

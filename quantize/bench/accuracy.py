@@ -146,6 +146,21 @@ def half_quantized(pipeline: Any, int8: Path, into: Path, decompose: str = "halv
     return paths
 
 
+def left_out_name(first: str, measured: dict[str, Any], code: bool = False) -> str:
+    """A left-out quantizer as tables name it: its first tensor, and how many more tensors it rounds (``joined``)."""
+    more = len(measured.get("joined", [first])) - 1
+    name = f"`{first}`" if code else first
+    return name + (f" and {more} more on its range" if more else "")
+
+
+def joined_on_one_range(pipeline: Any, int8: Path) -> dict[str, list[str]]:
+    """The int8 model's activation quantizers as ``DECOMPOSE=quantizers`` leaves them out: first tensor -> every tensor
+    on its range (``partial_quant.joined_quantizers``)."""
+    from quantize.accuracy.partial_quant import joined_quantizers
+
+    return joined_quantizers(onnx.load(str(pipeline.accuracy.quantizer_input())), onnx.load(str(int8)))
+
+
 def agreement_of(pred: np.ndarray, fp32: np.ndarray) -> dict[str, Any]:
     """Top-1 agreement of ``pred`` with ``fp32`` (both (photos, views)) on all views, its standard error clustered by
     photo (views of one photo are not independent)."""
@@ -194,7 +209,7 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
     samples = list_samples(root)
     parts = folds_of(samples, folds)
     work_dir = (work_dir or Path("artifacts")).resolve()
-    results, preds, labels, per_photo = [], [], [], {}
+    results, preds, labels, per_photo, joined = [], [], [], {}, []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-accuracy.") as scratch:
         for k, held_out in enumerate(parts):
@@ -211,6 +226,8 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
                 halves = Path(scratch) / f"halves{k}"
                 halves.mkdir()
                 models.update(half_quantized(pipeline, int8, halves, decompose, activation_bits))
+            if decompose == "quantizers":
+                joined.append(joined_on_one_range(pipeline, int8))
             pred = held_out_predictions(models, held_out, pipeline.preprocess, views, threads)
             fold_labels = np.array([s.label for s in held_out])
             results.append({"fold": k, "calibration_images": len(calib), **fold_metrics(pred, fold_labels)})
@@ -240,6 +257,11 @@ def run(model: str, root: Path, overrides: list[str], folds: int = 2, views: int
                 raise QuantizeError(f"the folds' int8 models hold different activation quantizers ({key})")
             if names:
                 result[key] = {name.split(":", 1)[1]: measured(name) for name in names}
+        if joined:
+            if any(j != joined[0] for j in joined):
+                raise QuantizeError("the folds' int8 models join other activation quantizers on one range")
+            for first, measured_left_out in result["left_out_quantizers"].items():
+                measured_left_out["joined"] = joined[0][first]
     return {**result, "seconds": time.perf_counter() - started,
             "load_average": list(os.getloadavg()), "cores": os.cpu_count()}
 
@@ -282,7 +304,8 @@ def as_table(result: dict[str, Any]) -> str:
                      f"ranges): agreement {m['agreement']:.2f}{se(m['agreement_se'])} (views)")
     left_out = result.get("left_out_quantizers", {})
     for name, m in sorted(left_out.items(), key=lambda item: -item[1]["agreement"]):
-        lines.append(f"\nThe activations-only model without the quantizer of {name}: agreement {m['agreement']:.2f}"
+        lines.append(f"\nThe activations-only model without the quantizer of {left_out_name(name, m)}: agreement "
+                     f"{m['agreement']:.2f}"
                      f"{se(m['agreement_se'])} (views)")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from quantize.bench.accuracy import bits_name, bits_of, paired_agreement
+from quantize.bench.accuracy import bits_name, bits_of, left_out_name, paired_agreement
 from quantize.core.artifacts import write_text
 
 SHOWN_AS = "benchmarks/results"  # how the README names the results folder, wherever it was read from
@@ -229,13 +229,15 @@ def _left_out(results: Path) -> list[str]:
         counts.append(f"{title}: {len(left_out)} quantizers")
         for name in ranked[:SHOWN_LEFT_OUT]:
             m = left_out[name]
-            rows.append(f"| {title} | `{name}` | {_pm(m['agreement'], m['agreement_se'], unit='%')} | "
+            rows.append(f"| {title} | {left_out_name(name, m, code=True)} | "
+                        f"{_pm(m['agreement'], m['agreement_se'], unit='%')} | "
                         f"{_pm(*paired[name]) if paired[name] else '—'} |")
     if not rows:
         return []
     return ["", f"The activations-only model with each activation quantizer left out in turn (quantizers on one range "
-            f"joined by ops that only move values, such as a stage's Splits and Concats, count as one and are named by "
-            f"the first; {', '.join(counts)}), the {SHOWN_LEFT_OUT} whose removal raised its agreement most:",
+            f"joined by ops that only move values, such as a stage's Splits and Concats, count as one, named by the "
+            f"first with how many more it holds; {', '.join(counts)}), the {SHOWN_LEFT_OUT} whose removal raised its "
+            "agreement most:",
             "", "| network | quantizer left out | agreement with fp32 (views) | minus the activations-only model's, "
             "paired (points) |", "|---|---|---|---|", *rows]
 

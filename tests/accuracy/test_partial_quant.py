@@ -111,7 +111,7 @@ def test_groups_of_activation_quantizers_rebuild_the_activations_only_model(pair
 def test_quantizers_joined_by_moves_on_one_range_are_left_out_together():
     from onnx import TensorProto, helper
 
-    from quantize.accuracy.partial_quant import left_out_one_at_a_time
+    from quantize.accuracy.partial_quant import joined_quantizers, left_out_one_at_a_time
 
     graph = helper.make_model(helper.make_graph(
         [helper.make_node("Relu", ["x"], ["a"], name="relu"),
@@ -132,6 +132,8 @@ def test_quantizers_joined_by_moves_on_one_range_are_left_out_together():
                                                              "out": ["x", "a", "a0", "a1"]}
     # on the same range the Concat's output only copies rounded values: one quantizer with the Split and its input
     assert left_out_one_at_a_time(graph, int8_with(0.1)) == {"x": ["a", "a0", "a1", "out"], "a": ["x"]}
+    assert joined_quantizers(graph, int8_with(0.1)) == {"x": ["x"], "a": ["a", "a0", "a1", "out"]}
+    assert joined_quantizers(graph, int8_with(0.2)) == {"x": ["x"], "a": ["a", "a0", "a1"], "out": ["out"]}
     # the input is on that range too, but the Relu between them is not a move: still its own quantizer
 
 

@@ -56,7 +56,7 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
     out = tmp_path / "acc.json"
     code = main(["--model", "shufflenet_v2_x0_5", "--root", str(data), "--views", "2", "--threads", "1",
-                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "groups", "--activation-bits", "10",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "quantizers", "--activation-bits", "10",
                  "model.pretrained=false",
                  "export.check_images=2", "calib.batch_size=3"])
     assert code == 0
@@ -79,6 +79,12 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     assert set(wider) == {"w8a10", "w32a10"}
     assert all(set(w["agreeing_views"]) == set(result["agreeing_views"]) for w in wider.values())
     assert "Weights 8 bits, activations 10 bits" in out.with_suffix(".md").read_text()
+    left_out = result["left_out_quantizers"]  # each quantizer as it acts: its first tensor, all it rounds
+    joined = [t for m in left_out.values() for t in m["joined"]]
+    assert all(m["joined"][0] == first for first, m in left_out.items()) and len(joined) == len(set(joined))
+    trunk = left_out["/stage2/stage2.0/branch1/branch1.4/Relu_output_0"]["joined"]  # stage 2's units' outputs
+    assert len(trunk) > 4 and any(t.startswith("/stage2/stage2.3/") for t in trunk)
+    assert all(set(m["agreeing_views"]) == set(result["agreeing_views"]) for m in left_out.values())
 
 
 def test_a_variant_adds_its_overrides_and_names_its_file(tmp_path, monkeypatch):

@@ -67,11 +67,13 @@ def test_left_out_quantizers_are_ranked_by_their_paired_gain(tmp_path):
         views = {p: min(data["views_per_photo"], base[p] + (by if k < 20 else 0)) for k, p in enumerate(photos)}
         return {"agreement": 50.0 + by, "agreement_se": 0.5, "agreeing_views": views}
 
-    data["left_out_quantizers"] = {"small": shifted(1), "none": shifted(0), "large": shifted(3)}
+    data["left_out_quantizers"] = {"small": shifted(1), "none": shifted(0),
+                                   "large": {**shifted(3), "joined": ["large", "large_part0", "large_part1"]}}
     accuracy.write_text(json.dumps(data))
     body = summary.decomposition(results)
     rows = [line for line in body.splitlines() if line.startswith("| ShuffleNetV2 x1.0 | `")]
     assert [row.split("`")[1] for row in rows] == ["large", "small", "none"]
+    assert "`large` and 2 more on its range |" in rows[0] and "`small` |" in rows[1]
     assert "3 quantizers" in body and rows[2].endswith("| 0.00 ± 0.00 |")
 
 
