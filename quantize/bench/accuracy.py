@@ -305,8 +305,7 @@ def as_table(result: dict[str, Any]) -> str:
     left_out = result.get("left_out_quantizers", {})
     for name, m in sorted(left_out.items(), key=lambda item: -item[1]["agreement"]):
         lines.append(f"\nThe activations-only model without the quantizer of {left_out_name(name, m)}: agreement "
-                     f"{m['agreement']:.2f}"
-                     f"{se(m['agreement_se'])} (views)")
+                     f"{m['agreement']:.2f}{se(m['agreement_se'])} (views)")
     return "\n".join(lines)
 
 

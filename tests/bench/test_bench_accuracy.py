@@ -56,7 +56,8 @@ def test_end_to_end_on_a_tiny_folder(tmp_path):
     data = write_tiny_imagenet(tmp_path / "val", classes=(3, 250, 999), per_class=2)
     out = tmp_path / "acc.json"
     code = main(["--model", "shufflenet_v2_x0_5", "--root", str(data), "--views", "2", "--threads", "1",
-                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "quantizers", "--activation-bits", "10",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--decompose", "quantizers",
+                 "--activation-bits", "10",
                  "model.pretrained=false",
                  "export.check_images=2", "calib.batch_size=3"])
     assert code == 0
